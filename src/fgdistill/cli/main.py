@@ -1,0 +1,60 @@
+"""The ``fgdistill`` command line: parses arguments and calls the library.
+
+Each group of sub-commands lives in its own module with a ``register(subparsers)`` function; the
+list below is explicit, so nothing is registered by import side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fgdistill.errors import FgdistillError
+
+# Modules that add sub-commands, in the order they appear in ``--help``.
+_COMMAND_MODULES: tuple[str, ...] = ("fgdistill.cli.data_cmds",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="fgdistill",
+        description="Focal and Global Distillation (FGD) for torchvision object detectors.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code.
+
+    User errors (:class:`~fgdistill.errors.FgdistillError`, missing files) print one line on
+    stderr and exit with code 2, never a bare traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FgdistillError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

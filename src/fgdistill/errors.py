@@ -1,0 +1,29 @@
+"""Exceptions raised by fgdistill.
+
+Every error a user can cause (bad data, bad config, bad checkpoint, incompatible models) is an
+:class:`FgdistillError`. The command line catches these and prints their message without a
+traceback. They also derive from :class:`ValueError` so that library callers can catch them the
+ordinary way.
+"""
+
+from __future__ import annotations
+
+
+class FgdistillError(ValueError):
+    """Base class for every user-facing error in fgdistill."""
+
+
+class DataError(FgdistillError):
+    """A dataset file, annotation or image is missing or malformed."""
+
+
+class ConfigError(FgdistillError):
+    """A configuration file or override is invalid."""
+
+
+class CheckpointError(FgdistillError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class CompatibilityError(FgdistillError):
+    """A teacher and a student cannot be paired for distillation."""
