@@ -1,0 +1,425 @@
+"""Typed training configuration: dataclasses, YAML loading, ``--set`` overrides, validation.
+
+A config is plain YAML data (read with :func:`yaml.safe_load`, never executed). It is turned into
+a :class:`TrainConfig` tree of dataclasses by :func:`config_from_dict`, which checks every key and
+every value's type:
+
+* an unknown key raises :class:`~fgdistill.errors.ConfigError` naming the key and the closest
+  valid one (``optim.lrr: unknown key; did you mean 'lr'?``);
+* a value of the wrong type raises :class:`~fgdistill.errors.ConfigError` naming the dotted key
+  and the expected type.
+
+Overrides (``--set optim.lr=0.02``) are applied to the raw mapping before validation; the value
+right of ``=`` is parsed with :func:`yaml.safe_load`, so ``--set data.masks=true`` gives a bool
+and ``--set optim.milestones=[8,11]`` a list.
+
+Relative data paths (annotation files, image folders) are resolved against ``data.root``, so on a
+machine with COCO, pointing ``data.root`` at it is all a user changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from fgdistill.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_override",
+]
+
+
+@dataclass
+class ModelConfig:
+    """How to build one detector with :func:`fgdistill.models.build_detector`.
+
+    ``num_classes`` counts the background, torchvision style (``K + 1``); when it is ``None`` it
+    is taken from the training dataset's categories. ``trainable_layers`` and ``frozen_bn``
+    default (``None``) to build_detector's choice: everything trainable with adapting BatchNorm
+    from scratch, torchvision's settings with pretrained weights. ``anchor_sizes`` gives one base
+    anchor size per level (five values). ``weights`` and ``weights_backbone`` are
+    torchvision weight names (e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``) or ``None`` for random
+    initialisation; nothing is downloaded unless a name is given. ``extra`` passes further keyword
+    arguments to ``build_detector`` unchanged.
+    """
+
+    arch: str = "retinanet"
+    backbone: str = "resnet50"
+    num_classes: int | None = None
+    fpn_channels: int = 256
+    min_size: int = 800
+    max_size: int = 1333
+    weights: str | None = None
+    weights_backbone: str | None = None
+    trainable_layers: int | None = None
+    frozen_bn: bool | None = None
+    head_norm: str | None = None
+    anchor_sizes: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Dataset locations and loader settings.
+
+    ``train_ann``, ``train_images``, ``val_ann`` and ``val_images`` are resolved against ``root``
+    when relative (see :meth:`path`). ``batch_size`` is per process (per GPU).
+    """
+
+    root: str = "data/coco"
+    train_ann: str = "annotations/instances_train2017.json"
+    train_images: str = "train2017"
+    val_ann: str = "annotations/instances_val2017.json"
+    val_images: str = "val2017"
+    masks: bool = False
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    num_workers: int = 2
+    filter_empty: bool | None = None
+    flip_prob: float = 0.5
+
+    def path(self, name: str) -> Path:
+        """Return the data path ``name`` (e.g. ``"train_ann"``) resolved against ``root``."""
+        value = Path(getattr(self, name)).expanduser()
+        if value.is_absolute():
+            return value
+        return Path(self.root).expanduser() / value
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule, as in the released FGD configs.
+
+    ``lr`` is the learning rate for ``base_batch_size`` images per step; the rate used is
+    ``lr * batch_size * world_size / base_batch_size`` (linear scaling) unless ``scale_lr`` is
+    false. The schedule is a linear warm-up over ``warmup_iters`` iterations from
+    ``warmup_factor * lr``, then a step decay by ``gamma`` at each epoch in ``milestones``.
+    ``grad_clip`` is the maximum L2 norm of all gradients (``None`` disables clipping).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    base_batch_size: int = 16
+    scale_lr: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    epochs: int = 24
+    milestones: list[int] = field(default_factory=lambda: [16, 22])
+    gamma: float = 0.1
+    grad_clip: float | None = 35.0
+
+
+@dataclass
+class DistillConfig:
+    """FGD distillation from a trained teacher.
+
+    ``preset`` names a family in :data:`fgdistill.losses.PRESETS` (``None``: derived from the
+    student's architecture). ``hparams`` overrides fields of the preset for every level
+    (``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_``); ``level_hparams`` overrides
+    them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels`` defaults to the family's
+    levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);
+    ``fgd_warmup_iters`` ramps that multiplier linearly from 0 over the first iterations.
+    """
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher_checkpoint: str = ""
+    levels: list[str] | None = None
+    preset: str | None = None
+    hparams: dict[str, float] = field(default_factory=dict)
+    level_hparams: dict[str, dict[str, float]] = field(default_factory=dict)
+    inherit_teacher: bool = False
+    loss_type: str = "fgd"
+    fgd_weight_scale: float = 1.0
+    fgd_warmup_iters: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: model, data, optimizer, optional distillation, and run settings.
+
+    ``eval_interval`` and ``checkpoint_interval`` count epochs (0 disables periodic evaluation;
+    the run is always evaluated and checkpointed at its end). ``checkpoint_iters`` additionally
+    writes ``last.pt`` every that many iterations (0: off). ``max_iters`` stops a run early (for
+    quick runs and tests) without changing the schedule. ``amp`` enables mixed precision on CUDA
+    only. ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    eval_interval: int = 1
+    checkpoint_interval: int = 1
+    checkpoint_iters: int = 0
+    log_interval: int = 20
+    max_iters: int | None = None
+    work_dir: str = "work_dirs/run"
+    name: str = ""
+
+
+_CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
+    (OptimConfig, "optimizer"): ("sgd", "adamw"),
+    (DistillConfig, "loss_type"): ("fgd", "mse"),
+    (TrainConfig, "device"): ("auto", "cpu", "cuda"),
+}
+
+_POSITIVE: dict[type, tuple[str, ...]] = {
+    DataConfig: ("batch_size", "eval_batch_size"),
+    OptimConfig: ("lr", "base_batch_size", "epochs"),
+    TrainConfig: ("log_interval",),
+}
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a type annotation (``int``, ``list[int] or null``)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        suffix = " or null" if type(None) in args else ""
+        return " or ".join(names) + suffix
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return f"list[{_type_name(arg)}]"
+    if origin is dict:
+        _key, value = typing.get_args(tp)
+        return f"mapping of str to {_type_name(value)}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert it (nested dataclasses, floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                # Nested dataclass errors are more useful than a generic message.
+                if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                    raise exc
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return _build(typing.cast(type, tp), value, key)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _k, arg = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key}: keys must be strings, got {k!r}")
+            out[k] = _convert(v, arg, f"{key}.{k}")
+        return out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    obj = cls(**kwargs)
+    for name in _POSITIVE.get(cls, ()):
+        if getattr(obj, name) <= 0:
+            dotted = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{dotted}: must be positive, got {getattr(obj, name)!r}")
+    for (owner, name), choices in _CHOICES.items():
+        if owner is cls and getattr(obj, name) not in choices:
+            dotted = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(
+                f"{dotted}: expected one of {', '.join(choices)}, got {getattr(obj, name)!r}"
+            )
+    return obj
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
+    """Validate a raw mapping (as read from YAML) into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: for an unknown key (naming the closest valid key) or a value of the wrong
+            type (naming the dotted key and the expected type).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_describe(data)}")
+    cfg = typing.cast(TrainConfig, _build(TrainConfig, data, ""))
+    if cfg.optim.milestones != sorted(cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones: must be increasing, got {cfg.optim.milestones}")
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (dicts, lists, scalars), suitable for YAML and checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], parsed value)``.
+
+    The value is parsed with :func:`yaml.safe_load` (``8`` is an int, ``1e-3`` a float, ``[16,
+    22]`` a list, ``null`` None, anything else a string).
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with each ``dotted.key=value`` override applied.
+
+    Missing intermediate mappings are created (``--set distill.teacher.backbone=resnet101`` on a
+    config without ``distill``); unknown keys are reported later by :func:`config_from_dict`.
+    """
+    out = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: dict[str, Any] = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {'.'.join(parts)}: '{dotted}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with :func:`yaml.safe_load`; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {_describe(data)}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Load a config from YAML (or start from ``base`` / defaults), apply overrides, validate.
+
+    Errors name the file: ``ConfigError("cfg.yaml: optim.lrr: unknown key; did you mean 'lr'?")``.
+    """
+    data: dict[str, Any] = _deep_copy(base) if base is not None else {}
+    if path is not None:
+        data.update(read_yaml(path))
+    data = apply_overrides(data, overrides)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML to ``path`` (its folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,130 @@
+"""Config loading, validation and overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgdistill.engine.config import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
+from fgdistill.errors import ConfigError
+
+
+def test_defaults_are_the_papers_schedule() -> None:
+    cfg = config_from_dict({})
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.optim.epochs == 24
+    assert cfg.optim.milestones == [16, 22]
+    assert cfg.optim.grad_clip == 35.0
+    assert cfg.optim.base_batch_size == 16
+    assert cfg.distill is None
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key() -> None:
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean 'lr'\?"):
+        config_from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"distill\.teacher\.backbonee.*'backbone'"):
+        config_from_dict({"distill": {"teacher": {"backbonee": "resnet50"}}})
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"zzz: unknown key; valid keys: model, data"):
+        config_from_dict({"zzz": 1})
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected float, got str 'fast'"),
+        ({"data": {"batch_size": 2.5}}, r"data\.batch_size: expected int"),
+        ({"data": {"batch_size": True}}, r"data\.batch_size: expected int, got bool"),
+        ({"data": {"masks": "yes"}}, r"data\.masks: expected bool"),
+        ({"optim": {"milestones": 16}}, r"optim\.milestones: expected list\[int\]"),
+        ({"optim": {"milestones": [16, "x"]}}, r"optim\.milestones\[1\]: expected int"),
+        ({"model": {"anchor_sizes": "big"}}, r"model\.anchor_sizes: expected list\[int\] or null"),
+        ({"distill": 3}, r"distill: expected mapping or null, got int 3"),
+        ({"optim": {"optimizer": "rmsprop"}}, r"optim\.optimizer: expected one of sgd, adamw"),
+        ({"data": {"batch_size": 0}}, r"data\.batch_size: must be positive"),
+        ({"optim": {"milestones": [22, 16]}}, r"optim\.milestones: must be increasing"),
+    ],
+)
+def test_wrong_types_name_the_key_and_expected_type(data: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(data)
+
+
+def test_ints_are_accepted_for_floats_and_yaml_exponents_without_dot() -> None:
+    cfg = config_from_dict({"optim": {"lr": 1, "weight_decay": "1e-4"}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+
+
+def test_overrides_parse_values_with_yaml() -> None:
+    assert parse_override("optim.lr=0.02") == (["optim", "lr"], 0.02)
+    assert parse_override("optim.milestones=[8, 11]") == (["optim", "milestones"], [8, 11])
+    assert parse_override("model.weights=null") == (["model", "weights"], None)
+    assert parse_override("data.root=/data/coco") == (["data", "root"], "/data/coco")
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
+        parse_override("optim.lr")
+
+
+def test_overrides_create_sections_and_are_validated() -> None:
+    raw = apply_overrides({}, ["distill.teacher.backbone=resnet101", "seed=3"])
+    cfg = config_from_dict(raw)
+    assert cfg.distill is not None and cfg.distill.teacher.backbone == "resnet101"
+    assert cfg.seed == 3
+    with pytest.raises(ConfigError, match=r"optim\.momentun: unknown key; did you mean 'momentum'"):
+        config_from_dict(apply_overrides({}, ["optim.momentun=0.8"]))
+    with pytest.raises(ConfigError, match="'seed' is not a mapping"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_load_config_names_the_file_and_roundtrips(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 0.02\ndata:\n  root: /data/coco\n  batch_size: 4\n")
+    cfg = load_config(path, ["optim.epochs=12"])
+    assert cfg.optim.lr == 0.02 and cfg.optim.epochs == 12 and cfg.data.batch_size == 4
+    out = dump_config(cfg, tmp_path / "work" / "config.yaml")
+    again = load_config(out)
+    assert again == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: optim\.lrr: unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(notmap)
+
+
+def test_data_paths_resolve_against_root() -> None:
+    cfg = config_from_dict({"data": {"root": "/data/coco", "val_ann": "/elsewhere/val.json"}})
+    assert cfg.data.path("train_ann") == Path("/data/coco/annotations/instances_train2017.json")
+    assert cfg.data.path("train_images") == Path("/data/coco/train2017")
+    assert cfg.data.path("val_ann") == Path("/elsewhere/val.json")
+
+
+def test_packaged_configs_are_valid() -> None:
+    import fgdistill
+
+    root = Path(fgdistill.__file__).parent / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        cfg = load_config(path)
+        data = yaml.safe_load(path.read_text())
+        assert "model" in data, path
+        if "coco" in path.parts:
+            # The paper's schedule and clipping in every COCO config.
+            assert cfg.optim.epochs == 24 and cfg.optim.milestones == [16, 22], path
+            assert cfg.optim.grad_clip == 35.0 and cfg.optim.base_batch_size == 16, path

@@ -1,0 +1,260 @@
+"""The training loop, hooks, schedule, checkpoints and resuming, on a tiny mock detector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fgdistill.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fgdistill.engine.trainer import (
+    CheckpointHook,
+    EvalHook,
+    FGDWarmupHook,
+    HookBase,
+    LoggerHook,
+    LRScheduleHook,
+    NonFiniteLossError,
+    Trainer,
+    WarmupMultiStepSchedule,
+    build_optimizer,
+    epoch_seed,
+)
+from fgdistill.errors import CheckpointError
+
+
+class NoisyImages(Dataset):
+    """Images whose augmentation draws from torch's global RNG, like RandomHorizontalFlip."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        g = torch.Generator().manual_seed(i)
+        img = torch.rand(3, 8, 8, generator=g)
+        if torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        return img, {"boxes": torch.tensor([[1.0, 1.0, 4.0, 4.0]]), "labels": torch.tensor([1])}
+
+
+def collate(batch: list) -> tuple[list, list]:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class MockDetector(nn.Module):
+    """Returns two named losses; samples with torch's RNG in forward, like R-CNN's sampler."""
+
+    def __init__(self, bad_at: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.calls = 0
+        self.bad_at = bad_at
+        self.fgd_weight_scale = 1.0
+
+    def forward(self, images: list[torch.Tensor], targets: list | None = None) -> Any:
+        x = torch.stack(images)
+        feat = self.conv(x).relu().mean(dim=(2, 3))
+        out = self.head(feat)
+        self.calls += 1
+        keep = torch.randperm(out.shape[0])[: max(1, out.shape[0] // 2)]
+        cls = (out[keep] ** 2).mean()
+        reg = (out - 0.5).abs().mean() * self.fgd_weight_scale
+        if self.bad_at is not None and self.calls == self.bad_at:
+            reg = reg * float("nan")
+        return {"classification": cls, "bbox_regression": reg}
+
+
+def make_trainer(
+    work_dir: Path, *, max_iters: int | None = None, bad_at: int | None = None, epochs: int = 3
+) -> tuple[Trainer, MockDetector, CheckpointHook]:
+    torch.manual_seed(0)
+    model = MockDetector(bad_at=bad_at)
+    opt = build_optimizer(model.parameters(), name="sgd", lr=0.1, momentum=0.9)
+    ds = NoisyImages()
+
+    def loader_fn(epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(epoch_seed(0, epoch))
+        return DataLoader(ds, batch_size=4, shuffle=True, generator=g, collate_fn=collate)
+
+    schedule = WarmupMultiStepSchedule(opt, milestones=[4, 7], warmup_iters=3)
+    lr_hook = LRScheduleHook(schedule)
+
+    def state_fn() -> dict[str, Any]:
+        return {"model": model.state_dict(), "model_spec": {"arch": "mock"}}
+
+    ckpt = CheckpointHook(work_dir, state_fn, interval=1)
+    log = LoggerHook(work_dir, interval=2, lr_hook=lr_hook, progress=False, tensorboard=False)
+    trainer = Trainer(
+        model,
+        opt,
+        loader_fn,
+        iters_per_epoch=3,
+        epochs=epochs,
+        max_iters=max_iters,
+        grad_clip=1.0,
+        seed=0,
+        hooks=[lr_hook, FGDWarmupHook(model, scale=2.0, warmup_iters=4), ckpt, log],
+    )
+    return trainer, model, ckpt
+
+
+def test_schedule_warmup_and_steps() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.02)
+    s = WarmupMultiStepSchedule(
+        opt, milestones=[10, 20], gamma=0.1, warmup_iters=5, warmup_factor=0.001
+    )
+    assert s.set_iteration(0) == pytest.approx(0.02 * 0.001)
+    assert s.factor(5) == pytest.approx(1.0)
+    assert s.factor(9) == pytest.approx(1.0)
+    assert s.factor(10) == pytest.approx(0.1)
+    assert s.set_iteration(25) == pytest.approx(0.02 * 0.01)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0002)
+
+
+def test_train_runs_logs_and_checkpoints(tmp_path: Path) -> None:
+    trainer, model, _ = make_trainer(tmp_path)
+    trainer.train()
+    assert trainer.iter == 9 and trainer.epoch == 3
+    assert model.fgd_weight_scale == pytest.approx(2.0)
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [2, 4, 6, 8, 9]
+    first = records[0]
+    assert first["type"] == "train" and first["epoch"] == 1
+    assert set(first["losses"]) == {"classification", "bbox_regression"}
+    assert first["loss"] == pytest.approx(sum(first["losses"].values()))
+    assert records[-1]["lr"] == pytest.approx(0.1 * 0.01)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iter"] == 9 and ckpt["epoch"] == 3 and ckpt["epoch_iter"] == 0
+    assert torch.equal(ckpt["model"]["head.weight"], model.head.weight)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch and at an epoch boundary
+def test_resume_gives_the_same_weights(tmp_path: Path, stop_at: int) -> None:
+    straight, model_a, _ = make_trainer(tmp_path / "a")
+    straight.train()
+
+    first, _, _ = make_trainer(tmp_path / "b", max_iters=stop_at)
+    first.train()
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["iter"] == stop_at
+
+    # A fresh process would start with other random states: scramble them.
+    torch.manual_seed(1234)
+    resumed, model_b, _ = make_trainer(tmp_path / "b")
+    model_b.load_state_dict(ckpt["model"])
+    resumed.load_state_dict(ckpt)
+    resumed.train()
+    assert resumed.iter == 9
+    for (name, a), b in zip(
+        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # The log is continuous: no duplicated iterations after the resume.
+    iters = [json.loads(x)["iter"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert iters == sorted(set(iters))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    trainer, _, _ = make_trainer(tmp_path, bad_at=5)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 5.*bbox_regression=nan"):
+        trainer.train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iter"] == 3  # written at the end of epoch 1, untouched by the failure
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_eval_hook_keeps_best(tmp_path: Path) -> None:
+    scores = iter([10.0, 30.0, 20.0])
+    trainer, _, ckpt_hook = make_trainer(tmp_path)
+    seen: list[float] = []
+
+    def eval_fn() -> dict[str, dict[str, float]]:
+        value = next(scores)
+        seen.append(value)
+        return {"bbox": {"AP": value}}
+
+    hook = EvalHook(eval_fn, interval=1, checkpoint_hook=ckpt_hook)
+    trainer.hooks.insert(2, hook)
+    hook.trainer = trainer
+    trainer.train()
+    assert seen == [10.0, 30.0, 20.0]
+    assert trainer.best_metric == 30.0
+    assert load_checkpoint(tmp_path / "best.pt")["iter"] == 6
+
+
+def test_hook_order_and_calls(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    class Recorder(HookBase):
+        def before_train(self) -> None:
+            calls.append("bt")
+
+        def after_epoch(self) -> None:
+            calls.append(f"ae{self.trainer.epoch}")
+
+        def after_train(self) -> None:
+            calls.append("at")
+
+    trainer, _, _ = make_trainer(tmp_path, max_iters=4)
+    trainer.register(Recorder())
+    trainer.train()
+    assert calls == ["bt", "ae1", "at"]
+
+
+def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    state = capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    path = save_checkpoint({"rng": state}, tmp_path / "rng.pt")
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    restore_rng_state(load_checkpoint(path)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    save_checkpoint({"w": torch.ones(3)}, corrupt)
+    data = corrupt.read_bytes()
+    corrupt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt: cannot read checkpoint"):
+        load_checkpoint(corrupt)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt"):
+        load_checkpoint(garbage)
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    path = save_checkpoint({"w": torch.ones(2)}, tmp_path / "last.pt")
+
+    class Unpicklable:
+        def __reduce__(self) -> Any:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint({"w": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
