@@ -1,0 +1,237 @@
+"""Picture commands: ``fgdistill visualize attention`` and ``fgdistill plot``.
+
+``visualize attention`` draws, for each image, the teacher's and the student's attention per FPN
+level with FGD's masks (see :mod:`fgdistill.viz.attention`); ``plot`` draws the training curves
+of one or several work dirs (see :mod:`fgdistill.viz.curves`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fgdistill.errors import DataError
+
+__all__ = ["load_gt_boxes", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``visualize`` (with ``attention``) and ``plot`` to the top-level parser."""
+    vis = subparsers.add_parser(
+        "visualize",
+        help="draw what FGD distils (attention maps and masks)",
+        description="Draw pictures of what FGD distils.",
+    )
+    vis_sub = vis.add_subparsers(dest="visualize_command", metavar="WHAT")
+    vis.set_defaults(func=lambda args: _missing_subcommand(vis))
+
+    att = vis_sub.add_parser(
+        "attention",
+        help="teacher vs student spatial/channel attention and FGD masks, per FPN level",
+        description=(
+            "For each IMAGE write OUT/attention_<name>.png: one row per FPN level with the image, "
+            "the teacher's and the student's spatial attention, their absolute difference, the "
+            "FGD foreground and background masks (with --ann) and the channel attention of "
+            "teacher, student and baseline. The student's transform resizes and pads the image "
+            "once; every backbone sees that same batch, as in distillation."
+        ),
+    )
+    att.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    att.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint")
+    att.add_argument(
+        "--student", required=True, metavar="CKPT", help="student checkpoint (e.g. student.pt)"
+    )
+    att.add_argument(
+        "--baseline",
+        metavar="CKPT",
+        help="optional second student, e.g. trained without FGD, to compare with",
+    )
+    att.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    att.add_argument(
+        "--ann",
+        metavar="ANN_FILE",
+        help="COCO annotation JSON; boxes of the image with the same file name give the masks",
+    )
+    att.add_argument(
+        "--levels",
+        nargs="+",
+        metavar="LEVEL",
+        help="FPN levels to draw, e.g. p3 p4 (default: the levels FGD distils for the student's "
+        "detector family)",
+    )
+    att.add_argument(
+        "--temperature",
+        type=float,
+        help="FGD temperature t (default: the paper's for the student's family: 0.5, FCOS 0.8)",
+    )
+    att.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    att.set_defaults(func=_cmd_attention)
+
+    plot = subparsers.add_parser(
+        "plot",
+        help="plot training loss terms and AP of one or several runs",
+        description=(
+            "Read WORK_DIR/log.jsonl of each run and draw its loss terms and AP per epoch, all "
+            "runs side by side, labelled by work dir name."
+        ),
+    )
+    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="run directories")
+    plot.add_argument(
+        "--out", metavar="FILE", help="PNG to write (default: FIRST_WORK_DIR/curves.png)"
+    )
+    plot.add_argument("--labels", nargs="+", metavar="LABEL", help="legend labels, one per run")
+    plot.set_defaults(func=_cmd_plot)
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def load_gt_boxes(ann_file: str | Path, image_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Ground-truth boxes of the named images from a COCO annotation file.
+
+    Images are matched by file name (the base name of ``file_name`` in the annotation file);
+    crowd annotations are left out, as in training.
+
+    Args:
+        ann_file: COCO-format JSON with ``images`` and ``annotations``.
+        image_names: base names of the image files.
+
+    Returns:
+        ``{name: FloatTensor[K, 4]}`` xyxy in the image's pixels, for each name found (``K`` may
+        be 0); names not in the file are absent.
+
+    Raises:
+        DataError: the file is missing or is not a COCO annotation file.
+    """
+    path = Path(ann_file)
+    if not path.is_file():
+        raise DataError(f"annotation file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"annotation file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"annotation file {path} has no 'images' list (not COCO format)")
+    wanted = set(image_names)
+    ids: dict[Any, str] = {}
+    for entry in data["images"]:
+        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
+            raise DataError(f"annotation file {path}: an image entry lacks 'id' or 'file_name'")
+        name = Path(str(entry["file_name"])).name
+        if name in wanted and name not in ids.values():
+            ids[entry["id"]] = name
+    boxes: dict[str, list[list[float]]] = {name: [] for name in ids.values()}
+    for ann in data.get("annotations", []) or []:
+        if not isinstance(ann, dict) or ann.get("image_id") not in ids or ann.get("iscrowd", 0):
+            continue
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise DataError(f"annotation file {path}: annotation {ann.get('id')} has a bad bbox")
+        x, y, w, h = (float(v) for v in bbox)
+        if w > 0 and h > 0:
+            boxes[ids[ann["image_id"]]].append([x, y, x + w, y + h])
+    return {name: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for name, b in boxes.items()}
+
+
+def _out_names(images: Sequence[Path]) -> list[str]:
+    """``attention_<stem>.png`` for each image, numbered where two stems are equal."""
+    names: list[str] = []
+    for image in images:
+        base = f"attention_{image.stem}"
+        name, k = f"{base}.png", 2
+        while name in names:
+            name, k = f"{base}_{k}.png", k + 1
+        names.append(name)
+    return names
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from fgdistill.engine.checkpoint import load_detector
+    from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
+    from fgdistill.models.build import model_spec
+    from fgdistill.viz.attention import extract_features, load_image, plot_attention
+
+    # Check every input before the (slow) model loading.
+    images = [Path(p) for p in args.images]
+    for image in images:
+        if not image.is_file():
+            raise DataError(f"image {image} not found")
+    for flag in ("teacher", "student", "baseline"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_file():
+            raise DataError(f"--{flag} checkpoint {value} not found")
+    if args.temperature is not None and not args.temperature > 0:
+        raise DataError(f"--temperature must be > 0, got {args.temperature}")
+    gt: dict[str, torch.Tensor] | None = None
+    if args.ann is not None:
+        gt = load_gt_boxes(args.ann, [p.name for p in images])
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise DataError(f"--device {args.device!r}: {exc}") from None
+
+    teacher = load_detector(args.teacher, map_location=device)
+    student = load_detector(args.student, map_location=device)
+    baseline = load_detector(args.baseline, map_location=device) if args.baseline else None
+
+    arch = (model_spec(student) or {}).get("arch")
+    temperature = args.temperature
+    if temperature is None:
+        temperature = PRESETS[arch].temperature if arch in PRESETS else 0.5
+    levels = args.levels
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image_path, out_name in zip(images, _out_names(images), strict=True):
+        picture = load_image(image_path)
+        boxes = None
+        if gt is not None:
+            boxes = gt.get(image_path.name)
+            if boxes is None:
+                print(
+                    f"warning: {image_path.name} is not in {args.ann}; drawing it without masks",
+                    file=sys.stderr,
+                )
+        feats = extract_features(student, teacher, picture, boxes=boxes, baseline=baseline)
+        chosen = levels
+        if chosen is None and arch in DEFAULT_LEVELS:
+            chosen = [lvl for lvl in DEFAULT_LEVELS[arch] if lvl in feats.student] or None
+        figure = plot_attention(
+            feats.image,
+            feats.teacher,
+            feats.student,
+            out_dir / out_name,
+            boxes=feats.boxes,
+            batch_shape=feats.batch_shape,
+            temperature=temperature,
+            baseline=feats.baseline,
+            levels=chosen,
+            title=f"{image_path.name}: teacher {Path(args.teacher).name} vs student "
+            f"{Path(args.student).name}"
+            + (f" (baseline {Path(args.baseline).name})" if args.baseline else ""),
+        )
+        width, height = figure.size
+        print(f"wrote {figure.path} ({len(figure.levels)} levels, {width}x{height} px)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fgdistill.viz.curves import plot_curves
+
+    out = Path(args.out) if args.out else Path(args.work_dirs[0]) / "curves.png"
+    if args.out is None and not Path(args.work_dirs[0]).is_dir():
+        raise DataError(f"work dir {args.work_dirs[0]} does not exist")
+    figure = plot_curves(args.work_dirs, out, labels=args.labels)
+    print(f"wrote {figure.path} ({len(figure.runs)} runs, {len(figure.panels)} panels)")
+    return 0
