@@ -1,0 +1,147 @@
+"""Whole-dataset validation: every problem at once, plus a summary of what the data holds.
+
+The checks are the ones :class:`~fgdistill.data.coco.CocoDetection` applies (the same
+:func:`~fgdistill.data.coco.read_annotations` validator, in collect-all mode), plus decoding every
+image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fgdistill.data.coco import MIN_BOX_SIZE, Problem, load_image, read_annotations
+from fgdistill.errors import DataError
+
+__all__ = ["CategoryCount", "DatasetReport", "check_dataset"]
+
+# COCO's area ranges (pixels of the annotation's ``area``).
+SMALL_MAX = 32**2
+MEDIUM_MAX = 96**2
+
+
+@dataclass(frozen=True)
+class CategoryCount:
+    """Instances (crowd annotations excluded) of one category."""
+
+    id: int
+    name: str
+    count: int
+
+
+@dataclass
+class DatasetReport:
+    """What :func:`check_dataset` found.
+
+    ``size_counts`` counts non-crowd instances by COCO's area ranges: ``small`` (< 32^2 px),
+    ``medium`` (< 96^2) and ``large``.
+    """
+
+    ann_file: Path
+    image_dir: Path
+    num_images: int = 0
+    num_annotations: int = 0
+    num_crowd: int = 0
+    num_degenerate: int = 0
+    images_without_annotations: int = 0
+    images_checked: int = 0
+    categories: list[CategoryCount] = field(default_factory=list)
+    size_counts: dict[str, int] = field(
+        default_factory=lambda: {"small": 0, "medium": 0, "large": 0}
+    )
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Problems of severity ``error``."""
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Problems of severity ``warning``."""
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no error was found (warnings allowed)."""
+        return not self.errors
+
+
+def _entries(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (
+        f" and {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def check_dataset(
+    ann_file: str | Path, image_dir: str | Path, *, check_images: bool = True
+) -> DatasetReport:
+    """Validate a COCO-format dataset and collect every problem (never stops at the first).
+
+    Args:
+        ann_file: COCO instances JSON.
+        image_dir: folder the images' ``file_name`` entries are relative to.
+        check_images: also open and fully decode every image and compare its size with the
+            annotations (slower; off checks the JSON only).
+
+    Returns:
+        A :class:`DatasetReport`; ``report.ok`` is False when there are errors.
+    """
+    report = DatasetReport(ann_file=Path(ann_file), image_dir=Path(image_dir))
+    index = read_annotations(ann_file, problems=report.problems)
+    if index is None:
+        return report
+
+    report.num_images = len(index.images)
+    counts = {cat["id"]: 0 for cat in index.categories}
+    degenerate: list[str] = []
+    for img in index.images:
+        anns = index.anns_by_image[img.id]
+        if not any(not a.iscrowd for a in anns):
+            report.images_without_annotations += 1
+        for ann in anns:
+            report.num_annotations += 1
+            if ann.iscrowd:
+                report.num_crowd += 1
+                continue
+            if ann.degenerate:
+                degenerate.append(f"annotations[{ann.index}] (id {ann.id})")
+            counts[ann.category_id] += 1
+            if ann.area < SMALL_MAX:
+                report.size_counts["small"] += 1
+            elif ann.area < MEDIUM_MAX:
+                report.size_counts["medium"] += 1
+            else:
+                report.size_counts["large"] += 1
+    report.num_degenerate = len(degenerate)
+    if degenerate:
+        report.problems.append(
+            Problem(
+                "warning",
+                f"{ann_file}: {len(degenerate)} degenerate box(es) under {MIN_BOX_SIZE:g} px wide "
+                f"or high will be dropped: {_entries(degenerate)}",
+            )
+        )
+    report.categories = [
+        CategoryCount(cat["id"], cat["name"], counts[cat["id"]]) for cat in index.categories
+    ]
+    empty = [f"{c.name!r} (id {c.id})" for c in report.categories if c.count == 0]
+    if empty:
+        report.problems.append(
+            Problem(
+                "warning",
+                f"{ann_file}: {len(empty)} category(ies) without instances: {_entries(empty)}",
+            )
+        )
+
+    root = Path(image_dir)
+    if not root.is_dir():
+        report.problems.append(Problem("error", f"{image_dir}: image folder not found"))
+    elif check_images:
+        for img in index.images:
+            try:
+                load_image(root / img.file_name, expected_size=(img.width, img.height))
+            except DataError as exc:
+                report.problems.append(Problem("error", f"{exc} (images[{img.index}] id {img.id})"))
+            report.images_checked += 1
+    return report
