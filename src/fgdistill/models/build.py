@@ -1,0 +1,530 @@
+"""Building torchvision detectors with FPN backbones, and loading their weights.
+
+:func:`build_detector` builds RetinaNet, FCOS, Faster R-CNN, Mask R-CNN (torchvision's) or
+RepPoints (ours) on a ResNet, ResNeXt or MobileNetV3-Large FPN backbone with any FPN width. The
+returned model follows torchvision's detector contract and carries its build arguments in
+``model.fgdistill_spec`` (see :func:`model_spec`), so ``build_detector(**model_spec(model))``
+rebuilds the same architecture for a checkpoint.
+
+Weights are never downloaded unless a torchvision weights name is given explicitly; checkpoints
+are read with ``torch.load(..., weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import urllib.error
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v3_large, resnet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+
+from fgdistill.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "SPEC_ATTR",
+    "LoadReport",
+    "build_backbone",
+    "build_detector",
+    "load_checkpoint",
+    "load_state_dict_checked",
+    "load_weights",
+    "model_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Detector architectures :func:`build_detector` knows.
+ARCHS: tuple[str, ...] = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "reppoints")
+_RESNETS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+#: Backbone names :func:`build_detector` knows.
+BACKBONES: tuple[str, ...] = (*_RESNETS, "mobilenet_v3_large")
+#: Attribute of a built detector holding its build arguments.
+SPEC_ATTR = "fgdistill_spec"
+
+# One-stage detectors use P3-P7 (C3-C5 + P6/P7 from P5), two-stage detectors P2-P6 (C2-C5 + pool).
+_ONE_STAGE = ("retinanet", "fcos", "reppoints")
+_STRIDES_ONE_STAGE = (8, 16, 32)
+_STRIDES_TWO_STAGE = (4, 8, 16, 32)
+# torchvision weights whose FrozenBatchNorm2d layers were trained with eps=0 (see overwrite_eps).
+_EPS_ZERO_WEIGHTS = (
+    "RetinaNet_ResNet50_FPN_Weights.COCO_V1",
+    "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
+    "MaskRCNN_ResNet50_FPN_Weights.COCO_V1",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and weights
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_state_dict_checked` did: keys missing from the state dict, keys the model
+    does not have, and keys present in both with different shapes (key -> (checkpoint shape,
+    model shape))."""
+
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every key matched in name and shape."""
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self, limit: int = 20) -> str:
+        """A human-readable summary listing up to ``limit`` keys of each kind."""
+
+        def listing(keys: list[str]) -> str:
+            shown = ", ".join(keys[:limit])
+            more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+            return shown + more
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing key(s): {listing(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s): {listing(self.unexpected)}")
+        if self.wrong_shape:
+            shapes = [
+                f"{k} (checkpoint {list(a)} vs model {list(b)})"
+                for k, (a, b) in self.wrong_shape.items()
+            ]
+            parts.append(f"{len(shapes)} key(s) of the wrong shape: {listing(shapes)}")
+        return "; ".join(parts) if parts else "all keys match"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``path`` with ``torch.load(..., weights_only=True)``.
+
+    Accepts a plain state dict or a dict holding one under ``"model"`` (or ``"state_dict"``).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a weights-only checkpoint, or holds
+            no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a weights-only checkpoint: {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt?): {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"checkpoint {path} holds no state dict (got {type(obj).__name__})")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} is not a state dict: entries {bad[:10]} are not named tensors"
+        )
+    return dict(obj)
+
+
+def load_state_dict_checked(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, strict: bool = True
+) -> LoadReport:
+    """Load ``state_dict`` into ``model`` and report exactly which keys did not fit.
+
+    Keys of the wrong shape are never copied. Module-specific conversions of torchvision (old
+    RetinaNet head layouts, ``num_batches_tracked`` for FrozenBatchNorm2d) are honoured because
+    the loading itself is done by ``nn.Module.load_state_dict``.
+
+    Args:
+        model: the module to load into.
+        state_dict: parameter/buffer name -> tensor.
+        source: where the state dict came from, for messages (a path or a weights name).
+        strict: raise when anything is missing, unexpected or of the wrong shape; otherwise load
+            what fits and log a warning.
+
+    Raises:
+        CheckpointError: ``strict`` and the keys do not match; the message lists them. As with
+            ``nn.Module.load_state_dict``, the keys that did fit have been loaded by then.
+    """
+    own = model.state_dict()
+    report = LoadReport(source=source)
+    fitting: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            report.wrong_shape[key] = (tuple(value.shape), tuple(own[key].shape))
+        else:
+            fitting[key] = value
+    result = model.load_state_dict(fitting, strict=False)
+    report.missing = [k for k in result.missing_keys if k not in report.wrong_shape]
+    report.unexpected = list(result.unexpected_keys)
+    if not report.ok:
+        message = f"weights from {source} do not fit {type(model).__name__}: {report.describe()}"
+        if strict:
+            raise CheckpointError(message)
+        logger.warning(message)
+    return report
+
+
+def _is_weights_name(spec: str) -> bool:
+    return "_Weights." in spec and "/" not in spec and not spec.endswith((".pt", ".pth"))
+
+
+def _download_weights(name: str) -> dict[str, Tensor]:
+    """State dict of torchvision weights ``name`` (e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``)."""
+    try:
+        enum = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"unknown torchvision weights name {name!r}: {exc}") from exc
+    logger.info("loading torchvision weights %s from %s (downloads unless cached)", name, enum.url)
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"could not download torchvision weights {name} from {enum.url}: {exc}. Downloading "
+            "needs network access; offline, download the file elsewhere and pass its local path "
+            "instead"
+        ) from exc
+    return dict(state)
+
+
+def load_weights(spec: str | Path) -> tuple[dict[str, Tensor], str]:
+    """State dict from a checkpoint path or a torchvision weights name, and a label for messages."""
+    if isinstance(spec, str) and _is_weights_name(spec) and not Path(spec).exists():
+        return _download_weights(spec), spec
+    return load_checkpoint(spec), str(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones
+# --------------------------------------------------------------------------------------------
+
+
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def _resnet_body(
+    name: str,
+    norm_layer: Callable[..., nn.Module],
+    weights_backbone: str | Path | None,
+    trainable_layers: int,
+) -> nn.Module:
+    body: nn.Module = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
+    if weights_backbone is not None:
+        state, source = load_weights(weights_backbone)
+        load_state_dict_checked(body, state, source=source)
+    if not 0 <= trainable_layers <= 5:
+        raise ConfigError(f"trainable_layers for {name} must be in [0, 5], got {trainable_layers}")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for pname, param in body.named_parameters():
+        if not any(pname.startswith(prefix) for prefix in train):
+            param.requires_grad_(False)
+    return body
+
+
+def _mobilenet_features(
+    norm_layer: Callable[..., nn.Module] | None,
+    weights_backbone: str | Path | None,
+    trainable_layers: int,
+) -> tuple[nn.Sequential, dict[int, int], list[int]]:
+    """MobileNetV3-Large features, {stride: index of the last block at that stride}, channels."""
+    kwargs: dict[str, Any] = {} if norm_layer is None else {"norm_layer": norm_layer}
+    net = mobilenet_v3_large(weights=None, **kwargs)
+    if weights_backbone is not None:
+        state, source = load_weights(weights_backbone)
+        load_state_dict_checked(net, state, source=source)
+    features: nn.Sequential = net.features
+    stride, last_at, channels = 2, {}, []
+    for i, block in enumerate(features):
+        if i > 0 and getattr(block, "_is_cn", False):
+            stride *= 2
+        last_at[stride] = i
+        channels.append(int(getattr(block, "out_channels", 0)))
+    stage_starts = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
+    stage_starts.append(len(features) - 1)
+    num_stages = len(stage_starts)
+    if not 0 <= trainable_layers <= num_stages:
+        raise ConfigError(
+            f"trainable_layers for mobilenet_v3_large must be in [0, {num_stages}], "
+            f"got {trainable_layers}"
+        )
+    freeze_before = (
+        len(features) if trainable_layers == 0 else stage_starts[num_stages - trainable_layers]
+    )
+    for block in features[:freeze_before]:
+        for param in block.parameters():
+            param.requires_grad_(False)
+    return features, last_at, channels
+
+
+def build_backbone(
+    name: str,
+    *,
+    strides: Sequence[int],
+    fpn_channels: int,
+    extra_blocks: ExtraFPNBlock,
+    frozen_bn: bool,
+    trainable_layers: int,
+    weights_backbone: str | Path | None = None,
+) -> BackboneWithFPN:
+    """A backbone + FPN returning the C-levels of ``strides`` (e.g. ``(8, 16, 32)``) plus extras.
+
+    The FPN's outputs are keyed ``'0', '1', ...`` in stride order, then the extra block's names
+    (``'p6', 'p7'`` for :class:`LastLevelP6P7`, ``'pool'`` for :class:`LastLevelMaxPool`), like
+    torchvision's detectors. ``weights_backbone`` (checkpoint path or torchvision weights name)
+    is loaded into the classification network before its head is dropped.
+    """
+    if name in _RESNETS:
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        body = _resnet_body(name, norm, weights_backbone, trainable_layers)
+        stage_of = {4: 1, 8: 2, 16: 3, 32: 4}
+        base = int(body.inplanes) // 8  # type: ignore[arg-type]
+        return_layers = {f"layer{stage_of[s]}": str(i) for i, s in enumerate(strides)}
+        in_channels = [base * 2 ** (stage_of[s] - 1) for s in strides]
+        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks)
+    if name == "mobilenet_v3_large":
+        # MobileNetV3 uses BatchNorm with eps=1e-3; keep it when freezing.
+        norm_mb = partial(FrozenBatchNorm2d, eps=1e-3) if frozen_bn else None
+        features, last_at, channels = _mobilenet_features(
+            norm_mb, weights_backbone, trainable_layers
+        )
+        return_layers = {str(last_at[s]): str(i) for i, s in enumerate(strides)}
+        in_channels = [channels[last_at[s]] for s in strides]
+        return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks)
+    raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Detectors
+# --------------------------------------------------------------------------------------------
+
+
+def _retinanet_anchors(anchor_sizes: Sequence[int] | None) -> AnchorGenerator:
+    bases = tuple(anchor_sizes) if anchor_sizes is not None else (32, 64, 128, 256, 512)
+    if len(bases) != 5:
+        raise ConfigError(f"anchor_sizes needs one size per level P3-P7 (5), got {list(bases)}")
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in bases)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def _rpn_anchors(anchor_sizes: Sequence[int] | None) -> AnchorGenerator:
+    bases = tuple(anchor_sizes) if anchor_sizes is not None else (32, 64, 128, 256, 512)
+    if len(bases) != 5:
+        raise ConfigError(f"anchor_sizes needs one size per level P2-P6 (5), got {list(bases)}")
+    return AnchorGenerator(tuple((x,) for x in bases), ((0.5, 1.0, 2.0),) * len(bases))
+
+
+def _reppoints(backbone: nn.Module, num_classes: int, **kwargs: Any) -> nn.Module:
+    try:
+        from fgdistill.models.reppoints import RepPoints
+    except ImportError as exc:
+        if exc.name not in ("fgdistill.models.reppoints", None):
+            raise
+        raise ConfigError("reppoints not available in this installation") from exc
+    model: nn.Module = RepPoints(backbone, num_classes, **kwargs)
+    return model
+
+
+def build_detector(
+    arch: str,
+    *,
+    backbone: str = "resnet50",
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 800,
+    max_size: int = 1333,
+    weights: str | Path | None = None,
+    weights_backbone: str | Path | None = None,
+    trainable_layers: int | None = None,
+    frozen_bn: bool | None = None,
+    head_norm: str | None = None,
+    anchor_sizes: Sequence[int] | None = None,
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """Build a detector following torchvision's contract.
+
+    Args:
+        arch: ``"retinanet"``, ``"fcos"``, ``"faster_rcnn"``, ``"mask_rcnn"`` or ``"reppoints"``.
+        backbone: one of :data:`BACKBONES`.
+        num_classes: number of classes INCLUDING background, as in torchvision (labels run
+            ``1 .. num_classes - 1``).
+        fpn_channels: channels of every FPN level.
+        min_size, max_size: the transform's resize bounds.
+        weights: the whole detector's weights: a checkpoint path (plain state dict or a dict with
+            a ``"model"`` key) or a torchvision weights name such as
+            ``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"`` (downloaded, so needs network access).
+        weights_backbone: the classification backbone's weights, path or name such as
+            ``"ResNet50_Weights.IMAGENET1K_V1"``; ignored when ``weights`` is given.
+        trainable_layers: backbone stages left trainable counted from the last (ResNet 0-5,
+            MobileNetV3 0-6). Default: all when no pretrained weights are given (from-scratch
+            training), else 3, as torchvision does.
+        frozen_bn: use ``FrozenBatchNorm2d`` in the backbone. Default: True with pretrained
+            weights (``weights`` or ``weights_backbone``), False without, because training from
+            scratch needs BatchNorm statistics that adapt.
+        head_norm: ``None`` or ``"group"``: GroupNorm in the heads (like torchvision's v2
+            RetinaNet; for R-CNN a 4-conv box head and GroupNorm mask head), which helps training
+            from scratch. FCOS and RepPoints always use GroupNorm in their heads.
+        anchor_sizes: base anchor size per level (five values), for RetinaNet (P3-P7, three
+            scales each) and Faster/Mask R-CNN's RPN (P2-P6). Small images need small anchors.
+        **detector_kwargs: passed to the torchvision detector class (e.g. ``score_thresh``,
+            ``detections_per_img``, ``image_mean``).
+
+    Returns:
+        The detector, with its build arguments in ``model.fgdistill_spec``.
+
+    Raises:
+        ConfigError: unknown arch/backbone/option, or bad option values.
+        CheckpointError: weights that cannot be read, downloaded or do not fit.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown detector arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(
+            f"num_classes must be an int >= 2 (it includes background), got {num_classes!r}"
+        )
+    if fpn_channels < 1:
+        raise ConfigError(f"fpn_channels must be positive, got {fpn_channels}")
+    if head_norm not in (None, "group"):
+        raise ConfigError(f"head_norm must be None or 'group', got {head_norm!r}")
+    if anchor_sizes is not None and arch not in ("retinanet", "faster_rcnn", "mask_rcnn"):
+        raise ConfigError(f"anchor_sizes is not an option of {arch}")
+    pretrained = weights is not None or weights_backbone is not None
+    if trainable_layers is None:
+        trainable_layers = (6 if backbone == "mobilenet_v3_large" else 5) if not pretrained else 3
+    if frozen_bn is None:
+        frozen_bn = pretrained
+
+    one_stage = arch in _ONE_STAGE
+    extra: ExtraFPNBlock = (
+        LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
+    )
+    body = build_backbone(
+        backbone,
+        strides=_STRIDES_ONE_STAGE if one_stage else _STRIDES_TWO_STAGE,
+        fpn_channels=fpn_channels,
+        extra_blocks=extra,
+        frozen_bn=frozen_bn,
+        trainable_layers=trainable_layers,
+        weights_backbone=weights_backbone if weights is None else None,
+    )
+    sizes: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
+    model: nn.Module
+    if arch == "retinanet":
+        anchors = _retinanet_anchors(anchor_sizes)
+        norm = _group_norm if head_norm == "group" else None
+        head = RetinaNetHead(
+            fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm
+        )
+        model = RetinaNet(
+            body, num_classes, anchor_generator=anchors, head=head, **sizes, **detector_kwargs
+        )
+    elif arch == "fcos":
+        # torchvision's FCOS head uses GroupNorm(32, C); when 32 does not divide C, build the
+        # head on 32 channels and replace both branches with ones of a group count that does.
+        head = FCOSHead(fpn_channels if fpn_channels % 32 == 0 else 32, 1, num_classes)
+        if fpn_channels % 32:
+            head.classification_head = FCOSClassificationHead(
+                fpn_channels, 1, num_classes, norm_layer=_group_norm
+            )
+            head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=_group_norm)
+        model = FCOS(body, num_classes, head=head, **sizes, **detector_kwargs)
+    elif arch in ("faster_rcnn", "mask_rcnn"):
+        anchors = _rpn_anchors(anchor_sizes)
+        rcnn: dict[str, Any] = {
+            "rpn_anchor_generator": anchors,
+            "rpn_head": RPNHead(
+                fpn_channels,
+                anchors.num_anchors_per_location()[0],
+                conv_depth=2 if head_norm else 1,
+            ),
+        }
+        if head_norm == "group":
+            rcnn["box_head"] = FastRCNNConvFCHead(
+                (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=_group_norm
+            )
+            if arch == "mask_rcnn":
+                rcnn["mask_head"] = MaskRCNNHeads(
+                    fpn_channels, [256] * 4, 1, norm_layer=_group_norm
+                )
+        cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+        model = cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)
+    else:
+        model = _reppoints(body, num_classes, **sizes, **detector_kwargs)
+
+    if weights is not None:
+        state, source = load_weights(weights)
+        load_state_dict_checked(model, state, source=source)
+        if source in _EPS_ZERO_WEIGHTS:
+            for module in model.modules():
+                if isinstance(module, FrozenBatchNorm2d):
+                    module.eps = 0.0
+
+    spec: dict[str, Any] = {
+        "arch": arch,
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "fpn_channels": fpn_channels,
+        "min_size": min_size,
+        "max_size": max_size,
+        "trainable_layers": trainable_layers,
+        "frozen_bn": frozen_bn,
+        "head_norm": head_norm,
+        "anchor_sizes": list(anchor_sizes) if anchor_sizes is not None else None,
+        **detector_kwargs,
+    }
+    setattr(model, SPEC_ATTR, spec)
+    logger.debug("built %s", spec)
+    return model
+
+
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The build arguments of a detector made by :func:`build_detector` (a copy), else None.
+
+    ``build_detector(**model_spec(model))`` rebuilds the same architecture without weights.
+    """
+    spec = getattr(model, SPEC_ATTR, None)
+    return dict(spec) if isinstance(spec, dict) else None
