@@ -159,7 +159,7 @@ def extract_features(
     models = {"student": student, "teacher": teacher}
     if baseline is not None:
         models["baseline"] = baseline
-    modes = {name: m.training for name, m in models.items()}
+    modes = {sub: sub.training for m in models.values() for sub in m.modules()}
     try:
         for m in models.values():
             m.eval()
@@ -178,8 +178,8 @@ def extract_features(
         shown = _unnormalise(transform, tensors[0, :, :h, :w], image)
         feats = {name: _named_levels(m, _backbone(m)(tensors)) for name, m in models.items()}
     finally:
-        for name, m in models.items():
-            m.train(modes[name])
+        for sub, mode in modes.items():  # per module: frozen parts stay in eval mode
+            sub.training = mode
     scaled = targets_out[0]["boxes"].float().cpu() if targets_out is not None else None
     return AttentionFeatures(
         image=shown.cpu(),
@@ -249,6 +249,7 @@ class AttentionFigure:
 
 
 _PANEL_IN = 2.6  # inches per panel side
+_TITLE_IN = 0.6  # inches above the panels for the figure's title
 
 
 def plot_attention(
@@ -314,10 +315,22 @@ def plot_attention(
     columns.append("channel attention")
 
     nrows, ncols = len(chosen), len(columns)
-    fig = plt.figure(
-        figsize=(_PANEL_IN * ncols, _PANEL_IN * nrows + 0.6), dpi=dpi, layout="constrained"
+    width_in, height_in = _PANEL_IN * ncols, _PANEL_IN * nrows + _TITLE_IN
+    fig = plt.figure(figsize=(width_in, height_in), dpi=dpi)
+    # A fixed grid (no layout engine): same pixel size every time, and fast to draw.
+    grid = fig.subplots(
+        nrows,
+        ncols,
+        squeeze=False,
+        gridspec_kw={
+            "left": 0.45 / width_in,
+            "right": 1 - 0.1 / width_in,
+            "top": 1 - (_TITLE_IN + 0.3) / height_in,
+            "bottom": 0.45 / height_in,
+            "wspace": 0.35,
+            "hspace": 0.45,
+        },
     )
-    grid = fig.subplots(nrows, ncols, squeeze=False)
     result = AttentionFigure(
         path=Path(out), size=(0, 0), levels=list(chosen), columns=list(columns)
     )
@@ -607,14 +620,14 @@ def _draw_channels(ax: Axes, channel: Mapping[str, np.ndarray]) -> None:
             if role != "teacher":
                 label = f"{role} (L1 to teacher {np.abs(values - teacher).sum():.3g})"
             ax.plot(x, values[order], label=label, **_ROLE_STYLE[role])
-        ax.set_xlabel("channel, sorted by teacher attention", fontsize=8)
+        ax.set_xlabel("channel (sorted by teacher A_c)", fontsize=8)
     else:
         for role, values in channel.items():
             x = np.linspace(0, 1, len(values))
             ax.plot(
                 x, np.sort(values)[::-1], label=f"{role} ({len(values)} ch)", **_ROLE_STYLE[role]
             )
-        ax.set_xlabel("channel rank / channels (channel counts differ)", fontsize=8)
+        ax.set_xlabel("channel rank / count (counts differ)", fontsize=8)
     ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
     ax.set_title("channel attention A_c", fontsize=9)
     ax.tick_params(labelsize=7)

@@ -35,12 +35,15 @@ __all__ = ["CURVES_CAPTION", "CurvesFigure", "RunLog", "plot_curves", "read_log"
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "log.jsonl"
+TOTAL = "total loss"
+DETECTION = "detection loss"
 
 CURVES_CAPTION = (
     "Training curves read from each run's log.jsonl, one colour per run (labelled by its work "
-    "dir). Loss panels: the total loss and each loss term against the epoch (faint: every logged "
-    "iteration; solid: running mean); the FGD terms are summed over FPN levels. AP panels: COCO "
-    "AP (solid) and AP50 (dashed), in percent, at each evaluation."
+    "dir). Loss panels: the total loss, the detection loss alone (without FGD's terms, comparable "
+    "between distilled and baseline runs) and each loss term against the epoch (faint: every "
+    "logged iteration; solid: running mean); the FGD terms are summed over FPN levels. AP "
+    "panels: COCO AP (solid) and AP50 (dashed), in percent, at each evaluation."
 )
 
 
@@ -68,8 +71,13 @@ class CurvesFigure:
     Attributes:
         path: the PNG written.
         size: ``(width, height)`` of the PNG in pixels.
-        panels: the panel titles, in reading order.
+        panels: the panels in reading order: AP panels (``"box AP (%)"``, ``"mask AP (%)"``)
+            first, then the loss series by name.
         runs: the run labels, in legend order.
+        data: ``{run: {series: (x, y)}}``, the raw points drawn: loss series by term name
+            (``"total loss"``, ``"classification"``, ``"fgd/fg"``, ...) and AP series as
+            ``"bbox/AP"``, ``"bbox/AP50"``; ``x`` in epochs (or iterations, see ``xlabel``).
+        xlabel: ``"epoch"``, or ``"iteration"`` when a log carries no epochs.
         caption: how to read the picture (for reports).
     """
 
@@ -77,6 +85,8 @@ class CurvesFigure:
     size: tuple[int, int]
     panels: list[str]
     runs: list[str]
+    data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    xlabel: str = "epoch"
     caption: str = CURVES_CAPTION
 
 
@@ -192,6 +202,7 @@ def _loss_series(train: Sequence[dict[str, Any]]) -> dict[str, tuple[np.ndarray,
         if _is_number(rec.get("loss")):
             add("total loss", it, float(rec["loss"]))
         grouped: dict[str, float] = {}
+        detection = 0.0
         losses = rec.get("losses")
         if isinstance(losses, dict):
             for name, value in losses.items():
@@ -200,6 +211,9 @@ def _loss_series(train: Sequence[dict[str, Any]]) -> dict[str, tuple[np.ndarray,
                 parts = str(name).split("/")
                 key = f"{parts[0]}/{parts[-1]}" if len(parts) == 3 else str(name)
                 grouped[key] = grouped.get(key, 0.0) + float(value)
+                if not key.startswith("fgd/"):
+                    detection += float(value)
+            add(DETECTION, it, detection)
         for key in sorted(grouped, key=lambda k: (k.startswith("fgd/"), k)):
             add(key, it, grouped[key])
     return {k: (np.asarray(v[0]), np.asarray(v[1])) for k, v in series.items()}
@@ -238,6 +252,14 @@ def _running_mean(y: np.ndarray) -> np.ndarray:
 
 
 _TASK_TITLES = {"bbox": "box AP (%)", "segm": "mask AP (%)"}
+
+
+def _loss_title(name: str) -> str:
+    if name == DETECTION:
+        return "detection loss (all terms but FGD's)"
+    if name.startswith("fgd/"):
+        return f"{name} (sum over FPN levels)"
+    return name
 
 
 def plot_curves(
@@ -280,32 +302,46 @@ def plot_curves(
     loss_names: list[str] = []
     for series in losses:
         loss_names.extend(k for k in series if k not in loss_names)
-    loss_names.sort(key=lambda k: (k != "total loss", k.startswith("fgd/"), k))
+    if not any(k.startswith("fgd/") for k in loss_names) and DETECTION in loss_names:
+        loss_names.remove(DETECTION)  # without FGD terms it is the total loss again
+    order = {TOTAL: 0, DETECTION: 1}
+    loss_names.sort(key=lambda k: (order.get(k, 2), k.startswith("fgd/"), k))
     tasks: list[str] = []
     for ap_series in aps:
         tasks.extend(t for t in ap_series if t not in tasks)
     if not tasks:
         tasks = ["bbox"]  # an empty AP panel that says there were no evaluations
 
-    titles = loss_names + [_TASK_TITLES.get(t, f"{t} AP (%)") for t in tasks]
+    # AP first (the result), then the losses.
+    titles = [_TASK_TITLES.get(t, f"{t} AP (%)") for t in tasks] + loss_names
     n = len(titles)
-    ncols = min(4, n)
+    ncols = min(4, n) if n <= 8 else 5
     nrows = math.ceil(n / ncols)
     panel_w, panel_h = 4.2, 3.2
+    width_in, height_in = panel_w * ncols, panel_h * nrows + 0.5
     fig, axes_grid = plt.subplots(
         nrows,
         ncols,
-        figsize=(panel_w * ncols, panel_h * nrows + 0.5),
+        figsize=(width_in, height_in),
         dpi=dpi,
         squeeze=False,
-        layout="constrained",
+        gridspec_kw={  # a fixed grid: the same pixel size every time, and fast
+            "left": 0.55 / width_in,
+            "right": 1 - 0.15 / width_in,
+            "top": 1 - 0.75 / height_in,
+            "bottom": 0.5 / height_in,
+            "wspace": 0.25,
+            "hspace": 0.5,
+        },
     )
-    axes: list[Axes] = list(axes_grid.ravel())
+    all_axes: list[Axes] = list(axes_grid.ravel())
+    ap_axes, loss_axes = all_axes[: len(tasks)], all_axes[len(tasks) : n]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xlabel = "epoch" if all(p is not None for p in per_epoch) else "iteration"
     per_epoch_used = per_epoch if xlabel == "epoch" else [None] * len(runs)
 
-    for ax, name in zip(axes, loss_names, strict=False):
+    drawn: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for ax, name in zip(loss_axes, loss_names, strict=True):
         positive = True
         spread: list[float] = []
         for r, (run, series) in enumerate(zip(runs, losses, strict=True)):
@@ -313,6 +349,7 @@ def plot_curves(
                 continue
             its, ys = series[name]
             x = _to_x(its, per_epoch_used[r])
+            drawn.setdefault(run.name, {})[name] = (x, ys)
             colour = colours[r % len(colours)]
             if len(ys) >= 10:
                 ax.plot(x, ys, color=colour, alpha=0.25, linewidth=0.8)
@@ -323,14 +360,14 @@ def plot_curves(
             spread.extend([float(ys.min()), float(ys.max())])
         if positive and spread and max(spread) / min(spread) > 50:
             ax.set_yscale("log")
-            name_shown = f"{name} (log scale)"
+            name_shown = f"{_loss_title(name)} (log scale)"
         else:
-            name_shown = name
+            name_shown = _loss_title(name)
         ax.set_title(name_shown, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
 
-    for ax, task in zip(axes[len(loss_names) :], tasks, strict=False):
+    for ax, task in zip(ap_axes, tasks, strict=True):
         drew = False
         for r, (run, run_aps) in enumerate(zip(runs, aps, strict=True)):
             colour = colours[r % len(colours)]
@@ -338,15 +375,17 @@ def plot_curves(
                 if metric not in run_aps.get(task, {}):
                     continue
                 its, ys = run_aps[task][metric]
+                x = _to_x(its, per_epoch_used[r])
+                drawn.setdefault(run.name, {})[f"{task}/{metric}"] = (x, ys)
                 ax.plot(
-                    _to_x(its, per_epoch_used[r]),
+                    x,
                     ys,
                     style,
                     color=colour,
                     marker="o",
                     ms=3,
                     linewidth=1.6,
-                    label=f"{run.name} {metric}",
+                    label=run.name if metric == "AP" else None,
                 )
                 drew = True
         if not drew:
@@ -359,18 +398,20 @@ def plot_curves(
                 color="grey",
                 transform=ax.transAxes,
             )
-        ax.set_title(_TASK_TITLES.get(task, f"{task} AP (%)"), fontsize=10)
+        ax.set_title(
+            _TASK_TITLES.get(task, f"{task} AP (%)") + ": AP solid, AP50 dashed", fontsize=10
+        )
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if drew:
             ax.legend(fontsize=7)
 
-    for ax in axes[n:]:
+    for ax in all_axes[n:]:
         ax.set_axis_off()
-    if loss_names:
-        handles, names = axes[0].get_legend_handles_labels()
+    if loss_axes:
+        handles, names = loss_axes[0].get_legend_handles_labels()
         if handles:
-            axes[0].legend(handles, names, fontsize=7)
+            loss_axes[0].legend(handles, names, fontsize=7)
     fig.suptitle("Training curves: " + ", ".join(r.name for r in runs), fontsize=12)
 
     path = Path(out)
@@ -379,4 +420,11 @@ def plot_curves(
     width, height = (round(float(v)) for v in fig.get_size_inches() * dpi)
     plt.close(fig)
     logger.info("wrote training curves %s", path)
-    return CurvesFigure(path=path, size=(width, height), panels=titles, runs=[r.name for r in runs])
+    return CurvesFigure(
+        path=path,
+        size=(width, height),
+        panels=titles,
+        runs=[r.name for r in runs],
+        data=drawn,
+        xlabel=xlabel,
+    )
