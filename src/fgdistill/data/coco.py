@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,7 +517,11 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
             "size": segmentation["size"],
             "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
         }
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    with warnings.catch_warnings():
+        # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; harmless.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mask = mask_utils.decode(rle)
+    return np.ascontiguousarray(mask, dtype=np.uint8)
 
 
 def load_image(path: Path, *, expected_size: tuple[int, int] | None = None) -> Image.Image:

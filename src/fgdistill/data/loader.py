@@ -3,7 +3,8 @@
 Reproducibility: the loader's shuffling uses its own ``torch.Generator`` seeded with ``seed``; each
 worker's torch RNG is seeded by PyTorch from that generator and :func:`seed_worker` derives
 numpy's and ``random``'s seeds from it, so augmentations repeat run to run for a given
-``num_workers``.
+``num_workers``. With ``num_workers=0`` the augmentations draw from the main process's torch RNG:
+seed it (``torch.manual_seed``) for repeatable flips; the order still comes from ``seed``.
 
 Distributed runs: with ``distributed=True`` a :class:`~torch.utils.data.DistributedSampler` splits
 the data across ranks. The caller must call ``loader.sampler.set_epoch(epoch)`` at the start of

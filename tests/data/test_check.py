@@ -1,0 +1,78 @@
+"""Whole-dataset validation reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from fgdistill.data.check import check_dataset
+
+
+def test_clean_dataset_report(synth_dataset: Path) -> None:
+    report = check_dataset(
+        synth_dataset / "annotations" / "instances_train.json", synth_dataset / "train"
+    )
+    assert report.ok and report.problems == []
+    assert report.num_images == 8 and report.images_checked == 8
+    data = json.loads((synth_dataset / "annotations" / "instances_train.json").read_text())
+    assert report.num_annotations == len(data["annotations"])
+    assert sum(c.count for c in report.categories) == report.num_annotations
+    assert sum(report.size_counts.values()) == report.num_annotations
+    assert len(report.categories) == 8
+
+
+def _broken_copy(synth_dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
+    image_dir = tmp_path / "val"
+    shutil.copytree(synth_dataset / "val", image_dir)
+    data = json.loads((synth_dataset / "annotations" / "instances_val.json").read_text())
+    data["annotations"][0]["bbox"] = [1, 2, "x", 4]
+    data["annotations"][1]["category_id"] = 99
+    data["annotations"][2]["bbox"][3] = 0.5  # degenerate: a warning
+    Image.new("RGB", (95, 96)).save(image_dir / data["images"][0]["file_name"])  # wrong size
+    (image_dir / data["images"][1]["file_name"]).unlink()
+    (image_dir / data["images"][2]["file_name"]).write_bytes(b"not an image")
+    ann = tmp_path / "broken.json"
+    ann.write_text(json.dumps(data))
+    return ann, image_dir
+
+
+def test_every_problem_is_collected(synth_dataset: Path, tmp_path: Path) -> None:
+    ann, image_dir = _broken_copy(synth_dataset, tmp_path)
+    report = check_dataset(ann, image_dir)
+    assert not report.ok
+    errors = [p.message for p in report.errors]
+    assert len(errors) == 5, errors
+    assert any("broken.json: annotations[0]" in m and "bbox must be 4 finite" in m for m in errors)
+    assert any("annotations[1]" in m and "category_id 99" in m for m in errors)
+    assert any("000000.png: image is 95x96 but the annotations say 96x96" in m for m in errors)
+    assert any("000001.png: image file not found" in m for m in errors)
+    assert any("000002.png: image does not decode" in m for m in errors)
+    warnings = [p.message for p in report.warnings]
+    assert any("1 degenerate box(es)" in m and "annotations[2]" in m for m in warnings)
+    assert report.num_degenerate == 1
+
+
+def test_json_only_check(synth_dataset: Path, tmp_path: Path) -> None:
+    ann, image_dir = _broken_copy(synth_dataset, tmp_path)
+    report = check_dataset(ann, image_dir, check_images=False)
+    assert report.images_checked == 0
+    assert len(report.errors) == 2
+
+
+def test_unusable_file_is_one_error(tmp_path: Path) -> None:
+    report = check_dataset(tmp_path / "missing.json", tmp_path)
+    assert not report.ok
+    assert [p.message for p in report.errors] == [
+        f"{tmp_path / 'missing.json'}: annotation file not found"
+    ]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    assert "invalid JSON" in check_dataset(bad, tmp_path).errors[0].message
+
+
+def test_missing_image_folder(synth_dataset: Path, tmp_path: Path) -> None:
+    report = check_dataset(synth_dataset / "annotations" / "instances_val.json", tmp_path / "nope")
+    assert [p.message for p in report.errors] == [f"{tmp_path / 'nope'}: image folder not found"]
