@@ -1,0 +1,130 @@
+import dataclasses
+
+import pytest
+import torch
+
+from fgdistill.losses import (
+    DEFAULT_LEVELS,
+    PRESETS,
+    FeatureImitationLoss,
+    FGDHyperParams,
+    FGDLoss,
+    MultiLevelFGD,
+)
+
+LEVELS = ("p3", "p4")
+SIZES = {"p3": (6, 8), "p4": (3, 4)}
+
+
+def features(channels: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {lv: torch.randn(2, channels, *SIZES[lv], generator=gen) for lv in LEVELS}
+
+
+BOXES = [torch.tensor([[4.0, 4.0, 30.0, 20.0]]), torch.zeros(0, 4)]
+BATCH = (48, 64)
+
+
+def test_presets_follow_the_released_configs() -> None:
+    assert set(PRESETS) == {"retinanet", "fcos", "faster_rcnn", "mask_rcnn", "reppoints"}
+    assert PRESETS["retinanet"] == FGDHyperParams(0.5, 1e-3, 5e-4, 5e-4, 5e-6)
+    assert PRESETS["faster_rcnn"] == FGDHyperParams(0.5, 5e-5, 2.5e-5, 5e-5, 5e-7)
+    assert PRESETS["mask_rcnn"] == PRESETS["faster_rcnn"]
+    assert PRESETS["reppoints"] == FGDHyperParams(0.5, 1.6e-3, 8e-4, 8e-4, 8e-6)
+    assert PRESETS["fcos"] == FGDHyperParams(0.8, 1.6e-3, 8e-4, 8e-4, 8e-6)
+    assert DEFAULT_LEVELS["retinanet"] == ("p3", "p4", "p5", "p6", "p7")
+    assert DEFAULT_LEVELS["fcos"] == DEFAULT_LEVELS["reppoints"] == DEFAULT_LEVELS["retinanet"]
+    assert DEFAULT_LEVELS["faster_rcnn"] == ("p2", "p3", "p4", "p5")
+    assert DEFAULT_LEVELS["mask_rcnn"] == DEFAULT_LEVELS["faster_rcnn"]
+    # the dataclass defaults are FGDLoss's keyword defaults
+    assert dataclasses.asdict(FGDHyperParams()) == {
+        "temperature": 0.5,
+        "alpha": 1e-3,
+        "beta": 5e-4,
+        "gamma": 1e-3,
+        "lambda_": 5e-6,
+    }
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["fcos"].alpha = 1.0  # type: ignore[misc]
+
+
+def test_terms_and_total_match_per_level_losses() -> None:
+    torch.manual_seed(0)
+    ml = MultiLevelFGD(LEVELS, 8, 8, PRESETS["fcos"])
+    student, teacher = features(8, 1), features(8, 2)
+    terms, total = ml(student, teacher, BOXES, BATCH)
+    assert list(terms) == [
+        f"fgd/{lv}/{t}" for lv in LEVELS for t in ("fg", "bg", "attention", "global")
+    ]
+    torch.testing.assert_close(total, sum(terms.values()))
+    for lv in LEVELS:
+        loss = ml.losses[lv]
+        assert isinstance(loss, FGDLoss) and loss.temperature == 0.8 and loss.alpha == 1.6e-3
+        single = loss(student[lv], teacher[lv], BOXES, BATCH)
+        for t, v in single.items():
+            torch.testing.assert_close(terms[f"fgd/{lv}/{t}"], v)
+
+
+def test_per_level_channels_and_hparams_and_backward() -> None:
+    hp = {"p3": PRESETS["retinanet"], "p4": FGDHyperParams(gamma=0.0)}
+    ml = MultiLevelFGD(LEVELS, {"p3": 4, "p4": 8}, 8, hp)
+    assert ml.losses["p3"].align is not None and ml.losses["p4"].align is None
+    student = {"p3": features(4, 1)["p3"], "p4": features(8, 1)["p4"]}
+    for x in student.values():
+        x.requires_grad_(True)
+    teacher = features(8, 2)
+    teacher["p5"] = torch.randn(2, 8, 2, 2)  # extra levels are ignored
+    terms, total = ml(student, teacher, BOXES, BATCH)
+    assert terms["fgd/p4/attention"].item() == 0.0
+    total.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in student.values())
+
+
+def test_mse_baseline() -> None:
+    ml = MultiLevelFGD(LEVELS, 8, 8, PRESETS["faster_rcnn"], loss_type="mse")
+    assert all(isinstance(m, FeatureImitationLoss) for m in ml.losses.values())
+    student, teacher = features(8, 1), features(8, 2)
+    terms, total = ml(student, teacher, BOXES, BATCH)
+    assert list(terms) == ["fgd/p3/mse", "fgd/p4/mse"]
+    expected = sum(((student[lv] - teacher[lv]) ** 2).sum() / 2 * 5e-7 for lv in LEVELS)
+    torch.testing.assert_close(total, expected)
+
+
+def test_missing_level_is_named() -> None:
+    ml = MultiLevelFGD(LEVELS, 8, 8)
+    student, teacher = features(8, 1), features(8, 2)
+    del teacher["p4"]
+    with pytest.raises(ValueError, match=r"teacher features lack level\(s\) \['p4'\]"):
+        ml(student, teacher, BOXES, BATCH)
+
+
+def test_level_errors_name_the_level() -> None:
+    ml = MultiLevelFGD(LEVELS, 8, 8)
+    student, teacher = features(8, 1), features(8, 2)
+    teacher["p4"] = teacher["p4"][:, :4]
+    with pytest.raises(ValueError, match="level p4: teacher has 4 channels"):
+        ml(student, teacher, BOXES, BATCH)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (((), 8, 8), {}, "at least one"),
+        ((("p3", "p3"), 8, 8), {}, "unique"),
+        (("p3", 8, 8), {}, "sequence of level names"),
+        ((LEVELS, {"p3": 8}, 8), {}, r"student_channels has no entry for level\(s\) \['p4'\]"),
+        ((LEVELS, 8, 8, {"p3": PRESETS["fcos"]}), {}, "hparams has no entry"),
+        ((LEVELS, 8, 8), {"loss_type": "kd"}, "loss_type"),
+        ((LEVELS, 8.0, 8), {}, "must be int"),
+    ],
+)
+def test_constructor_validation(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MultiLevelFGD(*args, **kwargs)
+
+
+def test_hyperparams_validation() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        FGDHyperParams(temperature=0)
+    with pytest.raises(ValueError, match="lambda_"):
+        FGDHyperParams(lambda_=-1e-6)
