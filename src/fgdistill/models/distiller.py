@@ -1,0 +1,497 @@
+"""The distiller: a student detector, a frozen teacher, and one FGD loss per FPN level.
+
+Focal and Global Distillation (Yang et al., "Focal and Global Knowledge Distillation for
+Detectors", CVPR 2022). One training step of :class:`Distiller`:
+
+1. The student runs as usual, ``student(images, targets)``, computing its own detection losses.
+   Two forward hooks, registered for that call only and always removed, capture what its
+   transform produced (the resized, normalised, padded batch and the rescaled boxes) and what its
+   backbone produced (the FPN levels). Nothing is kept on the module afterwards.
+2. The teacher's backbone and FPN run on that same padded batch, ``images.tensors``, in eval mode
+   and without gradients. The teacher never runs its own transform, which would draw its own
+   random size.
+3. The FGD loss gets the student's and teacher's levels, the transformed boxes (xyxy, pixels of
+   the padded batch) and the padded batch shape ``(H_in, W_in)``.
+
+Where this differs from the authors' released code (mmdetection based): boxes are scaled by the
+padded batch size, not the unpadded image size; and inheriting the teacher's neck and head
+(``inherit_teacher=True``) happens last in the constructor, after every initialisation, so
+nothing can overwrite the copied weights.
+
+The teacher is kept outside the module's registry of children: ``parameters()``,
+``state_dict()``, an optimizer and DDP see only the student and the FGD modules. It still moves
+with ``.to()``/``.cuda()``/``.half()`` and stays in eval mode whatever ``train()`` is called with.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+
+from fgdistill.errors import CompatibilityError, ConfigError
+from fgdistill.losses import DEFAULT_LEVELS, PRESETS, FGDHyperParams, MultiLevelFGD
+from fgdistill.models.build import SPEC_ATTR
+from fgdistill.models.levels import LevelInfo, backbone_levels
+
+__all__ = [
+    "INHERIT_PREFIXES",
+    "DistillBatch",
+    "Distiller",
+    "InheritReport",
+    "detector_family",
+    "inherit_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: State-dict prefixes of the parts copied by ``inherit_teacher=True``: the FPN (neck) and the
+#: heads of one-stage (``head``) and two-stage (``rpn``, ``roi_heads``) detectors. The backbone
+#: body is never copied.
+INHERIT_PREFIXES: tuple[str, ...] = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
+
+_LEVEL_RE = re.compile(r"p[1-9]\d*")
+
+
+def detector_family(model: nn.Module) -> str | None:
+    """The detector family of ``model`` (a key of ``PRESETS``), or None when unknown.
+
+    Read from the build arguments recorded by ``build_detector``, else from the class.
+    """
+    spec = getattr(model, SPEC_ATTR, None)
+    if isinstance(spec, dict) and spec.get("arch") in PRESETS:
+        return str(spec["arch"])
+    if isinstance(model, MaskRCNN):
+        return "mask_rcnn"
+    if isinstance(model, FasterRCNN):
+        return "faster_rcnn"
+    if isinstance(model, RetinaNet):
+        return "retinanet"
+    if isinstance(model, FCOS):
+        return "fcos"
+    if any(cls.__name__ == "RepPoints" for cls in type(model).__mro__):
+        return "reppoints"
+    return None
+
+
+@dataclass(frozen=True)
+class InheritReport:
+    """What :func:`inherit_weights` copied from the teacher into the student, and what it skipped.
+
+    Attributes:
+        copied: state-dict keys copied.
+        wrong_shape: keys present in both with different shapes: key -> (teacher, student) shape.
+        not_in_student: teacher keys (under the inherited prefixes) the student lacks.
+        not_in_teacher: student keys (under the inherited prefixes) the teacher lacks; they keep
+            their own initialisation.
+    """
+
+    copied: tuple[str, ...] = ()
+    wrong_shape: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    not_in_student: tuple[str, ...] = ()
+    not_in_teacher: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line: counts, and the first skipped keys of each kind."""
+
+        def first(keys: Sequence[str]) -> str:
+            return ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+
+        parts = [f"copied {len(self.copied)} tensors from the teacher"]
+        if self.wrong_shape:
+            parts.append(
+                f"skipped {len(self.wrong_shape)} of another shape "
+                f"({first(list(self.wrong_shape))})"
+            )
+        if self.not_in_student:
+            parts.append(
+                f"{len(self.not_in_student)} not in the student ({first(self.not_in_student)})"
+            )
+        if self.not_in_teacher:
+            parts.append(
+                f"{len(self.not_in_teacher)} student tensors not in the teacher "
+                f"({first(self.not_in_teacher)})"
+            )
+        return "; ".join(parts)
+
+
+def inherit_weights(
+    student: nn.Module, teacher: nn.Module, prefixes: Sequence[str] = INHERIT_PREFIXES
+) -> InheritReport:
+    """Copy the teacher's tensors under ``prefixes`` into the student where names and shapes match.
+
+    The student's backbone body is untouched (it is not under any default prefix). Copying is
+    in place, without gradients, converting device and dtype to the student's.
+    """
+    prefix_tuple = tuple(prefixes)
+    own = student.state_dict()
+    theirs = teacher.state_dict()
+    copied: list[str] = []
+    wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    not_in_student: list[str] = []
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if not key.startswith(prefix_tuple):
+                continue
+            if key not in own:
+                not_in_student.append(key)
+            elif own[key].shape != value.shape:
+                wrong_shape[key] = (tuple(value.shape), tuple(own[key].shape))
+            else:
+                own[key].copy_(value)
+                copied.append(key)
+    not_in_teacher = [k for k in own if k.startswith(prefix_tuple) and k not in theirs]
+    return InheritReport(tuple(copied), wrong_shape, tuple(not_in_student), tuple(not_in_teacher))
+
+
+@dataclass
+class DistillBatch:
+    """What one training forward of :class:`Distiller` saw and produced.
+
+    Attributes:
+        losses: the student's own detection losses, name -> 0-dim tensor.
+        student_features: level -> ``FloatTensor[N, Cs, H_l, W_l]`` (with gradient).
+        teacher_features: level -> ``FloatTensor[N, Ct, H_l, W_l]`` (no gradient).
+        boxes: N tensors ``FloatTensor[K_i, 4]``, xyxy in pixels of the padded batch.
+        batch_shape: ``(H_in, W_in)`` of the padded batch.
+        image_sizes: ``(h, w)`` of each image after resizing, before padding.
+    """
+
+    losses: dict[str, Tensor]
+    student_features: dict[str, Tensor]
+    teacher_features: dict[str, Tensor]
+    boxes: list[Tensor]
+    batch_shape: tuple[int, int]
+    image_sizes: list[tuple[int, int]]
+
+
+@dataclass
+class _Captured:
+    transform_calls: int = 0
+    backbone_calls: int = 0
+    padded: Tensor | None = None
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    boxes: list[Tensor] | None = None
+    features: Mapping[str, Tensor] | None = None
+
+
+@contextmanager
+def _capture(student: nn.Module) -> Iterator[_Captured]:
+    """Hooks on ``student.transform`` and ``student.backbone`` for the duration of the block."""
+    captured = _Captured()
+
+    def on_transform(module: nn.Module, args: Any, output: Any) -> None:
+        image_list, targets = output
+        captured.transform_calls += 1
+        captured.padded = image_list.tensors
+        captured.image_sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
+        if targets is not None:
+            # copies: nothing downstream may change the boxes FGD sees
+            captured.boxes = [t["boxes"].detach().clone() for t in targets]
+
+    def on_backbone(module: nn.Module, args: Any, output: Any) -> None:
+        captured.backbone_calls += 1
+        captured.features = output
+
+    transform, backbone = student.get_submodule("transform"), student.get_submodule("backbone")
+    handles = [
+        transform.register_forward_hook(on_transform),
+        backbone.register_forward_hook(on_backbone),
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_normalisation(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher sees the student's normalised batch, so both must normalise alike."""
+    s_tf, t_tf = student.get_submodule("transform"), teacher.get_submodule("transform")
+    for attr in ("image_mean", "image_std"):
+        s_val, t_val = getattr(s_tf, attr, None), getattr(t_tf, attr, None)
+        if s_val is not None and t_val is not None and list(s_val) != list(t_val):
+            raise CompatibilityError(
+                f"student and teacher normalise images differently ({attr} {list(s_val)} vs "
+                f"{list(t_val)}); the teacher runs on the student's normalised batch"
+            )
+
+
+def _first_tensor(module: nn.Module) -> Tensor | None:
+    tensors: list[Tensor] = [*module.parameters(), *module.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    return floats[0] if floats else None
+
+
+class Distiller(nn.Module):
+    """Student detector + frozen teacher + :class:`~fgdistill.losses.MultiLevelFGD`.
+
+    Train mode: ``distiller(images, targets)`` returns the student's loss dict plus the weighted
+    FGD terms keyed ``"fgd/{level}/{term}"`` (not their total), so a trainer sums the dict once.
+    Eval mode: it is the student, ``distiller(images)`` returns the student's detections.
+
+    Args:
+        student: a torchvision-contract detector with ``transform`` and ``backbone`` (any of
+            :func:`~fgdistill.models.build_detector`'s).
+        teacher: another such detector; only its backbone + FPN runs. Its parameters are set to
+            ``requires_grad=False``, it is put in eval mode and moved to the student's device.
+        levels: FPN levels to distil, e.g. ``["p3", "p4", "p5"]``. Default:
+            ``DEFAULT_LEVELS[family]`` (P3-P7 one-stage, P2-P5 two-stage).
+        hparams: one :class:`~fgdistill.losses.FGDHyperParams` or a mapping level -> hparams.
+            Default: ``PRESETS[family]``, the released configs' settings.
+        inherit_teacher: copy the teacher's FPN and head weights into the student where names
+            and shapes match (see :attr:`inherit_report`), after every other initialisation.
+        loss_type: ``"fgd"``, or ``"mse"`` for the plain feature-imitation baseline.
+        family: the student's detector family (a key of ``PRESETS``); default: from the student.
+
+    Raises:
+        CompatibilityError: the pair cannot be distilled (a level missing on either side,
+            different strides, different input normalisation); the message names the levels.
+        ConfigError: bad ``levels``, ``hparams``, ``loss_type`` or ``family``.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        levels: Sequence[str] | None = None,
+        hparams: FGDHyperParams | Mapping[str, FGDHyperParams] | None = None,
+        inherit_teacher: bool = False,
+        loss_type: str = "fgd",
+        family: str | None = None,
+    ) -> None:
+        super().__init__()
+        if student is teacher:
+            raise CompatibilityError("the teacher and the student are the same module")
+        for role, model in (("student", student), ("teacher", teacher)):
+            for part in ("transform", "backbone"):
+                if not isinstance(getattr(model, part, None), nn.Module):
+                    raise CompatibilityError(
+                        f"the {role} ({type(model).__name__}) has no `{part}` module; the "
+                        "distiller needs torchvision's detector layout"
+                    )
+        _check_normalisation(student, teacher)
+        if family is None:
+            family = detector_family(student)
+        if family is not None and family not in PRESETS:
+            raise ConfigError(f"unknown detector family {family!r}; choose one of {list(PRESETS)}")
+        if (levels is None or hparams is None) and family is None:
+            raise ConfigError(
+                f"cannot tell the detector family of {type(student).__name__}; pass family=... "
+                f"(one of {list(PRESETS)}) or both levels and hparams"
+            )
+        if levels is None:
+            assert family is not None
+            levels = DEFAULT_LEVELS[family]
+        if isinstance(levels, str):
+            raise ConfigError(f"levels must be a list of level names, got the string {levels!r}")
+        levels = tuple(levels)
+        bad = [lvl for lvl in levels if not isinstance(lvl, str) or not _LEVEL_RE.fullmatch(lvl)]
+        if bad or not levels:
+            raise ConfigError(f"levels must be names like 'p3' (stride 2**3); got {list(levels)}")
+        if hparams is None:
+            assert family is not None
+            hparams = PRESETS[family]
+
+        self.student = student
+        # Outside the registry of children: not in parameters(), state_dict() or DDP.
+        self._teacher: tuple[nn.Module] = (teacher,)
+        self.family = family
+        s_levels = backbone_levels(student)
+        t_levels = backbone_levels(teacher)
+        self._check_pair(levels, s_levels, t_levels)
+        self._student_keys = {lvl: s_levels[lvl].key for lvl in levels}
+        self._teacher_keys = {lvl: t_levels[lvl].key for lvl in levels}
+        try:
+            self.fgd = MultiLevelFGD(
+                levels,
+                {lvl: s_levels[lvl].channels for lvl in levels},
+                {lvl: t_levels[lvl].channels for lvl in levels},
+                hparams,
+                loss_type=loss_type,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"cannot build the FGD loss: {exc}") from exc
+        self._fgd_weight_scale = 1.0
+
+        reference = _first_tensor(student)
+        if reference is not None:
+            self.fgd.to(device=reference.device, dtype=reference.dtype)
+            teacher.to(device=reference.device)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.train(student.training)
+
+        # Last, after every initialisation, so nothing overwrites the inherited weights.
+        self.inherit_report: InheritReport | None = None
+        if inherit_teacher:
+            report = inherit_weights(student, teacher)
+            self.inherit_report = report
+            log = logger.warning if not report.copied else logger.info
+            log("inheriting the teacher's neck and heads: %s", report.describe())
+        logger.info(
+            "distilling %s levels %s (%s), student %s, teacher %s",
+            loss_type,
+            list(levels),
+            family or "custom",
+            type(student).__name__,
+            type(teacher).__name__,
+        )
+
+    @staticmethod
+    def _check_pair(
+        levels: tuple[str, ...],
+        s_levels: Mapping[str, LevelInfo],
+        t_levels: Mapping[str, LevelInfo],
+    ) -> None:
+        for role, have in (("student", s_levels), ("teacher", t_levels)):
+            missing = [lvl for lvl in levels if lvl not in have]
+            if missing:
+                both = [lvl for lvl in levels if lvl in s_levels and lvl in t_levels]
+                hint = f"; pass levels={both} to distil the common ones" if both else ""
+                raise CompatibilityError(
+                    f"the {role} has no FPN level(s) {missing} to distil (it has "
+                    f"{list(have)}; distilling {list(levels)}){hint}"
+                )
+        strides = {
+            lvl: (s_levels[lvl].stride, t_levels[lvl].stride)
+            for lvl in levels
+            if s_levels[lvl].stride != t_levels[lvl].stride
+        }
+        if strides:
+            raise CompatibilityError(
+                "student and teacher strides differ at level(s) "
+                + ", ".join(f"{lvl} (student {s}, teacher {t})" for lvl, (s, t) in strides.items())
+            )
+
+    # -- the teacher ---------------------------------------------------------------------------
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a registered child)."""
+        return self._teacher[0]
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The distilled FPN levels."""
+        return tuple(self.fgd.levels)
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Set the student and FGD modules' mode; the teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distiller:
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn, recurse)
+        return self
+
+    # -- FGD weight scale ----------------------------------------------------------------------
+
+    @property
+    def fgd_weight_scale(self) -> float:
+        """Multiplier on every FGD term (1.0 = the configured weights), e.g. for a warm-up."""
+        return self._fgd_weight_scale
+
+    @fgd_weight_scale.setter
+    def fgd_weight_scale(self, value: float) -> None:
+        value = float(value)
+        if not (value >= 0.0 and value != float("inf")):
+            raise ConfigError(f"fgd_weight_scale must be finite and >= 0, got {value}")
+        self._fgd_weight_scale = value
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward_features(
+        self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+    ) -> DistillBatch:
+        """Run the student (computing its losses) and the teacher's backbone on the same batch.
+
+        Args:
+            images: N tensors ``FloatTensor[3, H_i, W_i]`` in 0-1, as for the student.
+            targets: N dicts with ``boxes`` (``FloatTensor[K_i, 4]``, xyxy, image pixels),
+                ``labels`` (and ``masks`` for Mask R-CNN).
+
+        Returns:
+            a :class:`DistillBatch` with the student's losses and both sides' levels.
+        """
+        if targets is None:
+            raise ValueError("training a distiller needs targets")
+        teacher = self.teacher
+        teacher.eval()
+        with _capture(self.student) as captured:
+            losses = self.student(list(images), list(targets))
+        if captured.transform_calls != 1 or captured.backbone_calls != 1:
+            raise CompatibilityError(
+                f"the student ran its transform {captured.transform_calls} and its backbone "
+                f"{captured.backbone_calls} time(s) in one forward; the distiller needs exactly one"
+            )
+        assert captured.padded is not None and captured.features is not None
+        if captured.boxes is None:
+            raise CompatibilityError("the student's transform returned no targets in train mode")
+        padded = captured.padded
+        with torch.no_grad():
+            t_out = teacher.get_submodule("backbone")(padded)
+        student_feats = {lvl: captured.features[key] for lvl, key in self._student_keys.items()}
+        teacher_feats = {lvl: t_out[key] for lvl, key in self._teacher_keys.items()}
+        for lvl in self._student_keys:
+            s_hw, t_hw = student_feats[lvl].shape[-2:], teacher_feats[lvl].shape[-2:]
+            if s_hw != t_hw:
+                raise CompatibilityError(
+                    f"level {lvl}: student map {tuple(s_hw)} and teacher map {tuple(t_hw)} differ "
+                    f"in size on the same {tuple(padded.shape[-2:])} batch"
+                )
+        return DistillBatch(
+            losses=dict(losses),
+            student_features=student_feats,
+            teacher_features=teacher_feats,
+            boxes=captured.boxes,
+            batch_shape=(int(padded.shape[-2]), int(padded.shape[-1])),
+            image_sizes=captured.image_sizes,
+        )
+
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Tensor]] | None = None,
+    ) -> Any:
+        """Train mode: student losses + FGD terms (dict of 0-dim tensors); eval: detections.
+
+        Args:
+            images: N tensors ``FloatTensor[3, H_i, W_i]`` in 0-1.
+            targets: N dicts with ``boxes`` ``FloatTensor[K_i, 4]`` (xyxy) and ``labels``
+                ``Int64Tensor[K_i]``; needed in train mode.
+        """
+        if not self.training:
+            return self.student(images, targets)
+        if targets is None:
+            raise ValueError("training a distiller needs targets")
+        batch = self.forward_features(images, targets)
+        terms, _total = self.fgd(
+            batch.student_features, batch.teacher_features, batch.boxes, batch.batch_shape
+        )
+        scale = self._fgd_weight_scale
+        if scale != 1.0:
+            terms = {name: value * scale for name, value in terms.items()}
+        return {**batch.losses, **terms}
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's plain state dict: loadable into ``build_detector(...)`` as it is."""
+        return dict(self.student.state_dict())
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={list(self.levels)}, family={self.family!r}, "
+            f"teacher={type(self.teacher).__name__} (frozen, not a child)"
+        )
