@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="FGD temperature t (default: the paper's for the student's family: 0.5, FCOS 0.8)",
     )
     att.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    att.add_argument(
+        "--dpi", type=int, default=100, help="resolution; a panel is 2.6 inches (default: 100)"
+    )
     att.set_defaults(func=_cmd_attention)
 
     plot = subparsers.add_parser(
@@ -89,7 +92,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", metavar="FILE", help="PNG to write (default: FIRST_WORK_DIR/curves.png)"
     )
     plot.add_argument("--labels", nargs="+", metavar="LABEL", help="legend labels, one per run")
+    plot.add_argument(
+        "--dpi",
+        type=int,
+        default=100,
+        help="resolution; a panel is 4.2 x 3.2 inches (default: 100)",
+    )
     plot.set_defaults(func=_cmd_plot)
+
+
+def _check_dpi(dpi: int) -> None:
+    if not 10 <= dpi <= 600:
+        raise DataError(f"--dpi must be between 10 and 600, got {dpi}")
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
@@ -171,6 +185,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             raise DataError(f"--{flag} checkpoint {value} not found")
+    _check_dpi(args.dpi)
     if args.temperature is not None and not args.temperature > 0:
         raise DataError(f"--temperature must be > 0, got {args.temperature}")
     gt: dict[str, torch.Tensor] | None = None
@@ -217,6 +232,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             temperature=temperature,
             baseline=feats.baseline,
             levels=chosen,
+            dpi=args.dpi,
             title=f"{image_path.name}: teacher {Path(args.teacher).name} vs student "
             f"{Path(args.student).name}"
             + (f" (baseline {Path(args.baseline).name})" if args.baseline else ""),
@@ -232,6 +248,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.work_dirs[0]) / "curves.png"
     if args.out is None and not Path(args.work_dirs[0]).is_dir():
         raise DataError(f"work dir {args.work_dirs[0]} does not exist")
-    figure = plot_curves(args.work_dirs, out, labels=args.labels)
+    _check_dpi(args.dpi)
+    figure = plot_curves(args.work_dirs, out, labels=args.labels, dpi=args.dpi)
     print(f"wrote {figure.path} ({len(figure.runs)} runs, {len(figure.panels)} panels)")
     return 0
