@@ -190,10 +190,19 @@ def test_frame_boxes_land_on_the_right_cells_of_every_level() -> None:
     finally:
         handle.remove()
     assert not teacher_transform_calls  # the teacher never runs its own transform
+    assert not any(t.requires_grad for t in out.teacher_features.values())
+    assert all(t.requires_grad for t in out.student_features.values())
     assert out.batch_shape == (96, 96)
     assert out.image_sizes == [(64, 96), (96, 60)]
     hand = [torch.tensor(b) * s for b, s in zip(BOXES, SCALES, strict=True)]
     for got, want in zip(out.boxes, hand, strict=True):
+        torch.testing.assert_close(got, want)
+    # eval mode: the same frame, with detections instead of losses
+    distiller.eval()
+    seen = distiller.forward_features(images, targets)
+    distiller.train()
+    assert seen.losses == {} and seen.detections is not None and len(seen.detections) == 2
+    for got, want in zip(seen.boxes, hand, strict=True):
         torch.testing.assert_close(got, want)
     # the teacher ran on the student's padded batch
     with torch.no_grad():
@@ -344,3 +353,24 @@ def test_incompatible_pairs_are_clear_errors() -> None:
     odd = detector("retinanet", seed=1, image_mean=[0.5, 0.5, 0.5])
     with pytest.raises(CompatibilityError, match="image_mean"):
         Distiller(student, odd)
+
+
+def test_ddp_wraps_only_the_student_and_fgd(tmp_path: Any) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        student, teacher = detector("retinanet"), detector("retinanet", fpn=64, seed=1)
+        ddp = DistributedDataParallel(Distiller(student, teacher))
+        wrapped = {id(p) for p in ddp.parameters()}
+        assert not wrapped & {id(p) for p in teacher.parameters()}
+        losses = ddp(*batch())
+        total(losses).backward()  # every parameter is used: no find_unused_parameters needed
+        assert all(p.grad is not None for p in ddp.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -162,6 +162,7 @@ class DistillBatch:
         boxes: N tensors ``FloatTensor[K_i, 4]``, xyxy in pixels of the padded batch.
         batch_shape: ``(H_in, W_in)`` of the padded batch.
         image_sizes: ``(h, w)`` of each image after resizing, before padding.
+        detections: the student's detections (eval mode only), else None.
     """
 
     losses: dict[str, Tensor]
@@ -170,6 +171,7 @@ class DistillBatch:
     boxes: list[Tensor]
     batch_shape: tuple[int, int]
     image_sizes: list[tuple[int, int]]
+    detections: list[dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -210,6 +212,26 @@ def _capture(student: nn.Module) -> Iterator[_Captured]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _resize_boxes(
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Tensor]] | None,
+    sizes: Sequence[tuple[int, int]],
+) -> list[Tensor]:
+    """Boxes scaled from each image's size to its resized size (no targets: no boxes).
+
+    For students whose transform drops the targets in eval mode; torchvision's transform scales
+    boxes the same way (``resize_boxes``).
+    """
+    if targets is None:
+        return [image.new_zeros(0, 4) for image in images]
+    out = []
+    for image, target, (h, w) in zip(images, targets, sizes, strict=True):
+        ratio_h, ratio_w = h / image.shape[-2], w / image.shape[-1]
+        scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=image.device)
+        out.append(target["boxes"].detach().to(scale.dtype) * scale)
+    return out
 
 
 def _check_normalisation(student: nn.Module, teacher: nn.Module) -> None:
@@ -412,9 +434,14 @@ class Distiller(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def forward_features(
-        self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Tensor]] | None = None,
     ) -> DistillBatch:
-        """Run the student (computing its losses) and the teacher's backbone on the same batch.
+        """Run the student and the teacher's backbone on the same padded batch.
+
+        In train mode the student computes its losses (``targets`` required); in eval mode its
+        detections, which is what pictures of features and attention need.
 
         Args:
             images: N tensors ``FloatTensor[3, H_i, W_i]`` in 0-1, as for the student.
@@ -422,22 +449,31 @@ class Distiller(nn.Module):
                 ``labels`` (and ``masks`` for Mask R-CNN).
 
         Returns:
-            a :class:`DistillBatch` with the student's losses and both sides' levels.
+            a :class:`DistillBatch` with the student's losses (or detections), both sides'
+            levels, and the boxes in pixels of the padded batch.
         """
-        if targets is None:
+        images = list(images)
+        target_list = None if targets is None else list(targets)
+        training = self.student.training
+        if training and target_list is None:
             raise ValueError("training a distiller needs targets")
         teacher = self.teacher
         teacher.eval()
         with _capture(self.student) as captured:
-            losses = self.student(list(images), list(targets))
+            out = self.student(images, target_list)
         if captured.transform_calls != 1 or captured.backbone_calls != 1:
             raise CompatibilityError(
                 f"the student ran its transform {captured.transform_calls} and its backbone "
                 f"{captured.backbone_calls} time(s) in one forward; the distiller needs exactly one"
             )
         assert captured.padded is not None and captured.features is not None
-        if captured.boxes is None:
-            raise CompatibilityError("the student's transform returned no targets in train mode")
+        boxes = captured.boxes
+        if boxes is None:
+            if training:
+                raise CompatibilityError(
+                    "the student's transform returned no targets in train mode"
+                )
+            boxes = _resize_boxes(images, target_list, captured.image_sizes)
         padded = captured.padded
         with torch.no_grad():
             t_out = teacher.get_submodule("backbone")(padded)
@@ -451,12 +487,13 @@ class Distiller(nn.Module):
                     f"in size on the same {tuple(padded.shape[-2:])} batch"
                 )
         return DistillBatch(
-            losses=dict(losses),
+            losses=dict(out) if training else {},
             student_features=student_feats,
             teacher_features=teacher_feats,
-            boxes=captured.boxes,
+            boxes=boxes,
             batch_shape=(int(padded.shape[-2]), int(padded.shape[-1])),
             image_sizes=captured.image_sizes,
+            detections=None if training else list(out),
         )
 
     def forward(
