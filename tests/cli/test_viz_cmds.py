@@ -96,6 +96,8 @@ def test_visualize_attention_grey_rgba_with_gt(checkpoints, images, tmp_path, ca
     assert _size(out / "attention_rgba.png") == (6 * 130, 2 * 130 + 30)
     assert "rgba.png is not in" in captured.err
     assert "wrote" in captured.out and "attention_grey.png" in captured.out
+    report = (out / "attention_report.html").read_text()
+    assert report.count("<img src='attention_") == 2 and "One row per FPN level" in report
 
 
 def test_visualize_defaults_to_the_distilled_levels(checkpoints, images, tmp_path) -> None:

@@ -175,6 +175,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
     from fgdistill.models.build import model_spec
     from fgdistill.viz.attention import extract_features, load_image, plot_attention
+    from fgdistill.viz.report import Figure, write_report
 
     # Check every input before the (slow) model loading.
     images = [Path(p) for p in args.images]
@@ -208,6 +209,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     for image_path, out_name in zip(images, _out_names(images), strict=True):
         picture = load_image(image_path)
         boxes = None
@@ -237,8 +239,32 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             f"{Path(args.student).name}"
             + (f" (baseline {Path(args.baseline).name})" if args.baseline else ""),
         )
+        written.append(figure.path)
         width, height = figure.size
         print(f"wrote {figure.path} ({len(figure.levels)} levels, {width}x{height} px)")
+
+    notes = [
+        f"Teacher: {args.teacher}. Student: {args.student}."
+        + (f" Baseline student: {args.baseline}." if args.baseline else ""),
+        f"FGD temperature t = {temperature:g}. "
+        + (
+            f"Ground-truth boxes (and so the FGD masks) from {args.ann}."
+            if args.ann
+            else "No ground truth given (--ann), so no FGD masks are drawn."
+        ),
+    ]
+    report = write_report(
+        out_dir,
+        title="What FGD distils: teacher vs student attention",
+        images=[
+            Figure(p.name, title=f"Attention on {src.name}")
+            for p, src in zip(written, images, strict=True)
+        ],
+        notes=notes,
+        embed_images=False,
+        filename="attention_report.html",
+    )
+    print(f"wrote {report} (open it in a browser: every picture with how to read it)")
     return 0
 
 

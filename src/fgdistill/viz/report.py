@@ -78,7 +78,7 @@ class Figure:
     Args:
         path: the image file, relative to the work dir (or absolute).
         caption: what the picture shows and how to read it; empty for :func:`default_caption`.
-        title: short heading above the picture; empty for the file name.
+        title: short heading above the picture; empty for a standard one (by file name).
     """
 
     path: str | Path
@@ -86,34 +86,37 @@ class Figure:
     title: str = ""
 
 
-# Captions for the pictures fgdistill itself writes, recognised by file-name prefix.
-_DEFAULT_CAPTIONS: tuple[tuple[str, str], ...] = (
-    (
-        "attention",
-        "One row per FPN level. From the left: the input image as the network saw it (resized; "
-        "grey is padding); the teacher's and the student's spatial attention (where the feature "
-        "magnitude is, softmax over positions, 1.0 = average); their absolute difference, which "
-        "FGD's attention loss shrinks; with ground truth, the FGD foreground mask (weight 1/box "
-        "area, small boxes weigh more) and background mask over the image; and the channel "
-        "attention of teacher and student, channels sorted by the teacher's value. A distilled "
-        "student's curves and maps should lie closer to the teacher's than a baseline's.",
-    ),
-    (
-        "curves",
-        "Training curves read from each run's log.jsonl: the total loss and each loss term per "
-        "epoch (faint: every logged iteration, solid: running mean), FGD terms summed over FPN "
-        "levels, and COCO box AP at each evaluation. One colour per run.",
-    ),
-)
+def _known_pictures() -> tuple[tuple[str, str, str], ...]:
+    """``(file-name prefix, title, caption)`` of the pictures fgdistill itself writes."""
+    from fgdistill.viz.attention import ATTENTION_CAPTION
+    from fgdistill.viz.curves import CURVES_CAPTION
+
+    return (
+        ("attention", "Teacher vs student attention", ATTENTION_CAPTION),
+        ("curves", "Training curves", CURVES_CAPTION),
+    )
 
 
 def default_caption(path: str | Path) -> str:
-    """The standard caption for a picture fgdistill writes (by file-name prefix), else ``""``."""
+    """The standard caption for a picture fgdistill writes (by file-name prefix), else ``""``.
+
+    ``attention*.png`` (from :func:`fgdistill.viz.attention.plot_attention`) and
+    ``curves*.png`` (from :func:`fgdistill.viz.curves.plot_curves`) are recognised.
+    """
     name = Path(path).name.lower()
-    for prefix, caption in _DEFAULT_CAPTIONS:
+    for prefix, _, caption in _known_pictures():
         if name.startswith(prefix):
             return caption
     return ""
+
+
+def _default_title(path: Path) -> str:
+    name = path.name.lower()
+    for prefix, title, _ in _known_pictures():
+        if name.startswith(prefix):
+            rest = path.stem[len(prefix) :].strip("_- ")
+            return f"{title}: {rest}" if rest else title
+    return path.stem.replace("_", " ")
 
 
 def write_report(
@@ -178,6 +181,7 @@ def write_report(
 
     if images:
         parts.append("<h2>Pictures</h2>")
+        parts.append("<p class='hint'>Click a picture to open it at full size.</p>")
     for i, image in enumerate(images, start=1):
         figure = image if isinstance(image, Figure) else Figure(image)
         parts.append(_figure_html(figure, i, root, embed_images))
@@ -292,7 +296,7 @@ def _figure_html(figure: Figure, index: int, root: Path, embed: bool) -> str:
             src = full.resolve().relative_to(root.resolve()).as_posix()
         except ValueError:
             src = full.resolve().as_uri()
-    heading = figure.title or path.stem.replace("_", " ")
+    heading = figure.title or _default_title(path)
     caption = figure.caption or default_caption(path) or path.name
     return (
         f"<figure class='pic'><h3>Figure {index}. {_esc(heading)}</h3>"
@@ -305,12 +309,13 @@ def _figure_html(figure: Figure, index: int, root: Path, embed: bool) -> str:
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        background: #fafafa; margin: 0; line-height: 1.45; }
-main { max-width: 1200px; margin: 0 auto; padding: 1.5em 2em 3em; background: #fff; }
+main { max-width: 1700px; margin: 0 auto; padding: 1.5em 2em 3em; background: #fff; }
 h1 { font-size: 1.7em; margin: 0.2em 0 0.6em; border-bottom: 2px solid #3b6ea5;
      padding-bottom: .3em; }
 h2 { font-size: 1.3em; margin-top: 1.8em; color: #3b6ea5; }
 h3 { font-size: 1.05em; margin: 0 0 .5em; }
 p.note { margin: .4em 0; max-width: 60em; }
+p.hint { font-size: .9em; color: #666; margin: -.4em 0 .6em; }
 figure { margin: 1.2em 0; }
 figure.table figcaption { margin-bottom: .4em; }
 table { border-collapse: collapse; font-size: .95em; }
@@ -321,6 +326,6 @@ tbody tr:nth-child(even) { background: #f7f7f7; }
 p.tnote { font-size: .9em; color: #555; margin: .4em 0 0; max-width: 60em; }
 figure.pic { border: 1px solid #ddd; padding: 1em; border-radius: 4px; }
 figure.pic img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
-figure.pic figcaption { font-size: .92em; color: #444; margin-top: .6em; max-width: 60em; }
+figure.pic figcaption { font-size: .95em; color: #333; margin-top: .6em; max-width: 75em; }
 footer { margin-top: 3em; font-size: .8em; color: #888; }
 """
