@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from fgdistill.errors import FgdistillError
 
 # Modules that add sub-commands, in the order they appear in ``--help``.
-_COMMAND_MODULES: tuple[str, ...] = ("fgdistill.cli.data_cmds", "fgdistill.cli.viz_cmds")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "fgdistill.cli.data_cmds",
+    "fgdistill.cli.train_cmds",
+    "fgdistill.cli.viz_cmds",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

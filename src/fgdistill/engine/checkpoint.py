@@ -216,9 +216,9 @@ def find_model_spec(path: str | Path, checkpoint: Mapping[str, Any] | None = Non
         data = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
         model = data.get("model") if isinstance(data, dict) else None
         if isinstance(model, dict) and model.get("num_classes"):
-            from fgdistill.engine.config import ModelConfig, _build
+            from fgdistill.engine.config import ModelConfig, from_mapping
 
-            return model_spec_from_config(_build(ModelConfig, model, "model"))
+            return model_spec_from_config(from_mapping(ModelConfig, model, "model"))
     raise CheckpointError(
         f"{path}: cannot tell which detector this is: no 'model_spec' inside it and no "
         f"model.yaml or config.yaml (with model.num_classes) beside it"

@@ -42,6 +42,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "dump_config",
+    "from_mapping",
     "load_config",
     "parse_override",
 ]
@@ -238,7 +239,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
-        return _build(typing.cast(type, tp), value, key)
+        return from_mapping(typing.cast(type, tp), value, key)
     if origin is list:
         (arg,) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
@@ -281,7 +282,11 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Validate ``data`` into dataclass ``cls`` (nested dataclasses included).
+
+    ``prefix`` is the dotted path of ``data`` in the whole config, used in messages.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -317,7 +322,7 @@ def config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a mapping at the top level, got {_describe(data)}")
-    cfg = typing.cast(TrainConfig, _build(TrainConfig, data, ""))
+    cfg = typing.cast(TrainConfig, from_mapping(TrainConfig, data, ""))
     if cfg.optim.milestones != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones: must be increasing, got {cfg.optim.milestones}")
     return cfg

@@ -1,0 +1,215 @@
+"""End-to-end tests of ``fgdistill train / distill / eval / predict`` on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fgdistill.cli.main import main
+from fgdistill.engine.checkpoint import load_checkpoint, load_detector
+
+# A detector small enough to train a few steps in seconds on a CPU.
+TINY = {
+    "model": {
+        "arch": "retinanet",
+        "backbone": "resnet18",
+        "fpn_channels": 32,
+        "min_size": 96,
+        "max_size": 96,
+        "anchor_sizes": [8, 16, 32, 64, 128],
+    },
+    "data": {
+        "train_ann": "annotations/instances_train.json",
+        "train_images": "train",
+        "val_ann": "annotations/instances_val.json",
+        "val_images": "val",
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "num_workers": 0,
+    },
+    "optim": {
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "base_batch_size": 4,
+        "warmup_iters": 2,
+        "epochs": 2,
+        "milestones": [1],
+    },
+    "device": "cpu",
+    "log_interval": 1,
+}
+
+
+def write_config(path: Path, root: Path, **sections: dict) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["data"]["root"] = str(root)
+    for key, value in sections.items():
+        data[key] = value if not isinstance(value, dict) else {**data.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny detector trained for 2 epochs (4 iterations) with ``fgdistill train``."""
+    work = tmp_path_factory.mktemp("train")
+    cfg = write_config(work / "tiny.yaml", synth_dataset)
+    assert main(["train", str(cfg), "--work-dir", str(work / "run"), "--no-progress"]) == 0
+    return work / "run"
+
+
+def test_train_writes_every_output(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "last.pt",
+        "best.pt",
+        "model.pt",
+        "model.yaml",
+        "metrics.json",
+        "categories.json",
+    ):
+        assert (trained / name).is_file(), name
+    assert (trained / "tb").is_dir()
+    records = [json.loads(x) for x in (trained / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    eval_records = [r for r in records if r["type"] == "eval"]
+    assert [r["iter"] for r in train_records] == [1, 2, 3, 4]
+    assert {"classification", "bbox_regression"} <= set(train_records[0]["losses"])
+    assert [r["epoch"] for r in eval_records] == [1, 2]
+    assert "AP" in eval_records[-1]["metrics"]["bbox"]
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["iterations"] == 4
+    assert set(metrics["metrics"]["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    resolved = yaml.safe_load((trained / "config.yaml").read_text())
+    assert resolved["model"]["num_classes"] == 9  # 8 synthetic categories + background
+    ckpt = load_checkpoint(trained / "last.pt")
+    assert ckpt["iter"] == 4 and ckpt["epoch"] == 2
+    assert ckpt["model_spec"]["arch"] == "retinanet"
+
+
+def test_load_detector_from_plain_state_dict_and_checkpoint(trained: Path) -> None:
+    a = load_detector(trained / "model.pt")
+    b = load_detector(trained / "last.pt")
+    assert not a.training
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_eval_command(
+    trained: Path, synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "eval",
+            str(cfg),
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--work-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "bbox: AP" in text and "eval_metrics.json" in text
+    written = json.loads((out / "eval_metrics.json").read_text())
+    final = json.loads((trained / "metrics.json").read_text())["metrics"]["bbox"]
+    assert written["metrics"]["bbox"]["AP"] == pytest.approx(final["AP"], nan_ok=True)
+    assert (out / "config.yaml").is_file()
+
+
+def test_predict_command(
+    trained: Path, synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = sorted((synth_dataset / "val").glob("*.png"))[:2]
+    grey = tmp_path / "grey.png"
+    Image.open(images[0]).convert("L").resize((70, 50)).save(grey)
+    out = tmp_path / "pred"
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(trained / "model.pt"),
+            *map(str, images),
+            str(grey),
+            "--out",
+            str(out),
+            "--score-threshold",
+            "0.0",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    entries = json.loads((out / "images.json").read_text())
+    assert [e["id"] for e in entries["images"]] == [1, 2, 3]
+    assert (entries["images"][2]["width"], entries["images"][2]["height"]) == (70, 50)
+    cat_ids = {c["id"] for c in entries["categories"]}
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score"}
+        assert r["category_id"] in cat_ids and r["image_id"] in (1, 2, 3)
+    drawn = sorted(p.name for p in out.glob("*.png"))
+    assert len(drawn) == 3
+    assert Image.open(out / "grey.png").size == (70, 50)
+    assert "outputs in" in capsys.readouterr().out
+
+
+def test_bad_config_unknown_key(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "bad.yaml", synth_dataset, optim={"lrr": 0.1})
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: optim.lrr: unknown key; did you mean 'lr'?" in err
+    assert "Traceback" not in err
+
+
+def test_bad_override_wrong_type(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "ok.yaml", synth_dataset)
+    code = main(
+        ["train", str(cfg), "--set", "data.batch_size=two", "--work-dir", str(tmp_path / "w")]
+    )
+    assert code == 2
+    assert "data.batch_size: expected int, got str 'two'" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_checkpoints(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "ok.yaml", synth_dataset)
+    missing = tmp_path / "nope.pt"
+    assert main(["eval", str(cfg), "--checkpoint", str(missing), "--no-progress"]) == 2
+    assert "nope.pt: checkpoint not found" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    image = sorted((synth_dataset / "val").glob("*.png"))[0]
+    assert (
+        main(["predict", "--checkpoint", str(corrupt), str(image), "--out", str(tmp_path / "p")])
+        == 2
+    )
+    assert "corrupt.pt: cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_distill_without_distill_section_is_refused(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "plain.yaml", synth_dataset)
+    assert main(["distill", str(cfg)]) == 2
+    assert "no 'distill' section" in capsys.readouterr().err
+
+
+def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--list-configs"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "coco/fgd_retinanet_x101_64x4d_r50" in names
+    assert "demo/demo" in names
