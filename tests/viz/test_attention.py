@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -134,6 +135,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CompatibilityError, match="none in common"):
         plot_attention(image, {"p5": torch.randn(1, 8, 2, 3)}, _features(1), tmp_path / "a.png")
     assert not (tmp_path / "a.png").exists()
+    assert plt.get_fignums() == []  # no figure left open by a failed call
 
 
 @pytest.mark.parametrize(

@@ -231,9 +231,10 @@ class AttentionFigure:
         size: ``(width, height)`` of the PNG in pixels.
         levels: the FPN levels drawn, one row each, top to bottom.
         columns: the panel names of every row, left to right.
-        spatial: ``{level: {panel: ndarray[H, W]}}``, the arrays drawn in the map panels
-            (``"teacher"``, ``"student"``, ``"baseline"``, ``"|teacher-student|"``,
-            ``"|teacher-baseline|"``, ``"fg mask"``, ``"bg mask"``).
+        spatial: ``{level: {name: ndarray[H, W]}}``, the arrays drawn in the map panels:
+            ``"teacher"``, ``"student"``, ``"|teacher-student|"``, ``"fg mask"``, ``"bg mask"``,
+            ``"|teacher-baseline|"``, and ``"baseline"`` (the baseline's own map, which is
+            shown through its difference to the teacher).
         channel: ``{level: {"teacher" | "student" | "baseline": ndarray[C]}}``, the channel
             attention drawn (in channel order, before sorting for display).
         caption: how to read the picture (for reports).
@@ -306,6 +307,7 @@ def plot_attention(
     if boxes is not None:
         boxes = _check_boxes(boxes)
     chosen = _choose_levels(teacher, student, baseline, levels)
+    feats = {lvl: _level_features(lvl, teacher, student, baseline) for lvl in chosen}
 
     columns = ["image", "teacher", "student", "|teacher-student|"]
     if baseline is not None:
@@ -335,96 +337,98 @@ def plot_attention(
         path=Path(out), size=(0, 0), levels=list(chosen), columns=list(columns)
     )
     picture = image.permute(1, 2, 0).numpy()
-    extent = (0.0, float(w_in), float(h_in), 0.0)
+    try:
+        for row, level in enumerate(chosen):
+            roles = feats[level]
+            spatial = {
+                k: _attention.spatial_attention(v, temperature)[0].numpy() for k, v in roles.items()
+            }
+            channel = {
+                k: _attention.channel_attention(v, temperature)[0].numpy() for k, v in roles.items()
+            }
+            drawn: dict[str, np.ndarray] = dict(spatial)
+            drawn["|teacher-student|"] = np.abs(spatial["teacher"] - spatial["student"])
+            if "baseline" in spatial:
+                drawn["|teacher-baseline|"] = np.abs(spatial["teacher"] - spatial["baseline"])
+            hw = (int(roles["teacher"].shape[-2]), int(roles["teacher"].shape[-1]))
+            if boxes is not None:
+                fg, bg = _masks.fgd_masks([boxes], hw, (h_in, w_in))
+                drawn["fg mask"], drawn["bg mask"] = fg[0].numpy(), bg[0].numpy()
+            result.spatial[level] = drawn
+            result.channel[level] = channel
+            label = f"{level}: stride {_level_stride(level, h_in / hw[0]):g}, {hw[0]}x{hw[1]} cells"
+            _draw_row(fig, list(grid[row]), columns, drawn, channel, picture, (h_in, w_in), boxes)
+            grid[row][0].set_ylabel(label, fontsize=10)
+            grid[row][0].set_title("input image" if row == 0 else "", fontsize=10)
 
-    for row, level in enumerate(chosen):
-        t_feat = _check_feature(teacher[level], f"teacher[{level!r}]")
-        s_feat = _check_feature(student[level], f"student[{level!r}]")
-        b_feat = (
-            _check_feature(baseline[level], f"baseline[{level!r}]")
-            if baseline is not None
-            else None
-        )
-        hw = tuple(t_feat.shape[-2:])
-        for name, f in (("student", s_feat), ("baseline", b_feat)):
-            if f is not None and tuple(f.shape[-2:]) != hw:
-                raise CompatibilityError(
-                    f"level {level}: teacher map is {hw[0]}x{hw[1]} but {name} map is "
-                    f"{f.shape[-2]}x{f.shape[-1]}; they must come from the same input batch"
-                )
-        stride = _level_stride(level, h_in / hw[0])
-        drawn: dict[str, np.ndarray] = {}
-        roles = {"teacher": t_feat, "student": s_feat}
-        if b_feat is not None:
-            roles["baseline"] = b_feat
-        spatial = {
-            k: _attention.spatial_attention(v, temperature)[0].numpy() for k, v in roles.items()
-        }
-        channel = {
-            k: _attention.channel_attention(v, temperature)[0].numpy() for k, v in roles.items()
-        }
-        drawn.update(spatial)
-        drawn["|teacher-student|"] = np.abs(spatial["teacher"] - spatial["student"])
-        if "baseline" in spatial:
-            drawn["|teacher-baseline|"] = np.abs(spatial["teacher"] - spatial["baseline"])
-        if boxes is not None:
-            fg, bg = _masks.fgd_masks([boxes], (int(hw[0]), int(hw[1])), (h_in, w_in))
-            drawn["fg mask"], drawn["bg mask"] = fg[0].numpy(), bg[0].numpy()
-        result.spatial[level] = drawn
-        result.channel[level] = channel
-
-        att_max = max(float(spatial[k].max()) for k in spatial)
-        diff_max = max(float(drawn[k].max()) for k in drawn if k.startswith("|")) or 1.0
-        for col, name in enumerate(columns):
-            ax = grid[row, col]
-            if name == "image":
-                _draw_image(ax, picture, h_img, w_img, h_in, w_in, boxes)
-                ax.set_ylabel(f"{level}: stride {stride:g}, {hw[0]}x{hw[1]} cells", fontsize=10)
-                ax.set_title("input image" if row == 0 else "", fontsize=10)
-            elif name in ("teacher", "student"):
-                _draw_map(
-                    fig,
-                    ax,
-                    drawn[name],
-                    extent,
-                    boxes,
-                    "viridis",
-                    0.0,
-                    att_max,
-                    f"{name} spatial attention",
-                )
-            elif name.startswith("|"):
-                other = name[len("|teacher-") : -1]
-                _draw_map(
-                    fig,
-                    ax,
-                    drawn[name],
-                    extent,
-                    boxes,
-                    "inferno",
-                    0.0,
-                    diff_max,
-                    f"|teacher − {other}|  sum {drawn[name].sum():.3g}",
-                )
-            elif name in ("fg mask", "bg mask"):
-                _draw_mask(
-                    fig, ax, picture, drawn[name], h_img, w_img, h_in, w_in, extent, name, boxes
-                )
-            else:
-                _draw_channels(ax, channel)
-            if name != "image" and name != "channel attention":
-                ax.set_xticks([])
-                ax.set_yticks([])
-
-    heading = title or "Teacher vs student attention"
-    fig.suptitle(f"{heading}  (temperature t = {temperature:g})", fontsize=12)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    result.size = _pixel_size(fig, dpi)
-    plt.close(fig)
+        heading = title or "Teacher vs student attention"
+        fig.suptitle(f"{heading}  (temperature t = {temperature:g})", fontsize=12)
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+        result.size = _pixel_size(fig, dpi)
+    finally:
+        plt.close(fig)
     logger.info("wrote attention figure %s", path)
     return result
+
+
+def _level_features(
+    level: str,
+    teacher: Mapping[str, Tensor],
+    student: Mapping[str, Tensor],
+    baseline: Mapping[str, Tensor] | None,
+) -> dict[str, Tensor]:
+    """``{"teacher", "student"[, "baseline"]: FloatTensor[1, C, H, W]}`` of one level, checked."""
+    roles = {
+        "teacher": _check_feature(teacher[level], f"teacher[{level!r}]"),
+        "student": _check_feature(student[level], f"student[{level!r}]"),
+    }
+    if baseline is not None:
+        roles["baseline"] = _check_feature(baseline[level], f"baseline[{level!r}]")
+    hw = tuple(roles["teacher"].shape[-2:])
+    for name, feat in roles.items():
+        if tuple(feat.shape[-2:]) != hw:
+            raise CompatibilityError(
+                f"level {level}: teacher map is {hw[0]}x{hw[1]} but {name} map is "
+                f"{feat.shape[-2]}x{feat.shape[-1]}; they must come from the same input batch"
+            )
+    return roles
+
+
+def _draw_row(
+    fig: Figure,
+    axes: list[Axes],
+    columns: Sequence[str],
+    drawn: Mapping[str, np.ndarray],
+    channel: Mapping[str, np.ndarray],
+    picture: np.ndarray,
+    batch_shape: tuple[int, int],
+    boxes: Tensor | None,
+) -> None:
+    """Draw one level's panels, left to right, in the order of ``columns``."""
+    h_in, w_in = batch_shape
+    h_img, w_img = picture.shape[:2]
+    extent = (0.0, float(w_in), float(h_in), 0.0)
+    att_max = max(float(drawn[k].max()) for k in channel)  # one scale for all the models
+    diff_max = max(float(drawn[k].max()) for k in drawn if k.startswith("|")) or 1.0
+    for ax, name in zip(axes, columns, strict=True):
+        if name == "image":
+            _draw_image(ax, picture, h_img, w_img, h_in, w_in, boxes)
+        elif name in ("teacher", "student"):
+            title = f"{name} spatial attention"
+            _draw_map(fig, ax, drawn[name], extent, boxes, "viridis", 0.0, att_max, title)
+        elif name.startswith("|"):
+            other = name[len("|teacher-") : -1]
+            title = f"|teacher − {other}|  sum {drawn[name].sum():.3g}"
+            _draw_map(fig, ax, drawn[name], extent, boxes, "inferno", 0.0, diff_max, title)
+        elif name in ("fg mask", "bg mask"):
+            _draw_mask(fig, ax, picture, drawn[name], h_img, w_img, h_in, w_in, extent, name, boxes)
+        else:
+            _draw_channels(ax, channel)
+        if name not in ("image", "channel attention"):
+            ax.set_xticks([])
+            ax.set_yticks([])
 
 
 def _pixel_size(fig: Figure, dpi: int) -> tuple[int, int]:
