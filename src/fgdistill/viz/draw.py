@@ -53,6 +53,8 @@ def draw_detections(
     names: Sequence[str] | None = None,
     score_threshold: float = 0.0,
     line_width: int | None = None,
+    masks: torch.Tensor | None = None,
+    mask_threshold: float = 0.5,
 ) -> Image.Image:
     """Return a copy of ``image`` with boxes, label names and scores drawn.
 
@@ -65,9 +67,11 @@ def draw_detections(
             without it.
         score_threshold: detections below it are left out.
         line_width: box outline width; default scales with the image size.
+        masks: optional instance masks, ``FloatTensor[N, 1, H, W]`` or ``[N, H, W]`` in [0, 1]
+            (Mask R-CNN's ``"masks"`` output) in the order of ``boxes``; each is filled with its
+            label's colour, half transparent, where it exceeds ``mask_threshold``.
     """
     canvas = to_pil(image).copy()
-    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     box_list = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).tolist()
     label_list = [int(x) for x in torch.as_tensor(labels).reshape(-1).tolist()]
@@ -79,6 +83,12 @@ def draw_detections(
     if line_width is None:
         line_width = max(1, round(max(canvas.size) / 200))
     order = sorted(range(len(box_list)), key=lambda i: score_list[i] or 0.0)
+    if masks is not None:
+        keep = [i for i in order if (sc := score_list[i]) is None or sc >= score_threshold]
+        if int(torch.as_tensor(masks).shape[0]) != len(box_list):
+            raise ValueError(f"got {len(torch.as_tensor(masks))} masks for {len(box_list)} boxes")
+        canvas = _paint_masks(canvas, masks, keep, [label_list[i] for i in keep], mask_threshold)
+    draw = ImageDraw.Draw(canvas)
     for i in order:  # highest scores drawn last, on top
         score = score_list[i]
         if score is not None and score < score_threshold:
@@ -95,3 +105,29 @@ def draw_detections(
         draw.rectangle((x1, ty, x1 + tw + 2, ty + th + 2), fill=colour)
         draw.text((x1 + 1, ty), text, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def _paint_masks(
+    canvas: Image.Image,
+    masks: torch.Tensor,
+    keep: Sequence[int],
+    labels: Sequence[int],
+    threshold: float,
+    alpha: float = 0.45,
+) -> Image.Image:
+    """Blend each kept mask (``masks[i] > threshold``) with its label's colour."""
+    m = torch.as_tensor(masks).detach().cpu()
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    width, height = canvas.size
+    if m.ndim != 3 or tuple(m.shape[1:]) != (height, width):
+        raise ValueError(
+            f"masks must be [N, 1, H, W] or [N, H, W] with H, W = {height}, {width} (the "
+            f"image's size), got {tuple(torch.as_tensor(masks).shape)}"
+        )
+    array = np.asarray(canvas, dtype=np.float32).copy()
+    for i, label in zip(keep, labels, strict=True):
+        area = (m[i] > threshold).numpy()
+        colour = np.asarray(PALETTE[label % len(PALETTE)], dtype=np.float32)
+        array[area] = (1 - alpha) * array[area] + alpha * colour
+    return Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
