@@ -95,6 +95,10 @@ def test_missing_or_bad_logs_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match=r"no training log in .*empty_dir.*log.jsonl is missing"):
         plot_curves([tmp_path / "empty_dir"], tmp_path / "c.png")
+    _write_run(tmp_path / "demo" / "teacher", fgd=False)
+    _write_run(tmp_path / "demo" / "fgd", fgd=True)
+    with pytest.raises(DataError, match="sub-directories fgd, teacher have logs"):
+        read_log(tmp_path / "demo")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "log.jsonl").write_text('{"type": "train", "iter": 1}\nnot json\n{"type": "eval"}\n')

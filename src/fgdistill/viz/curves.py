@@ -107,10 +107,13 @@ def read_log(work_dir: str | Path) -> RunLog:
         raise DataError(f"{root} is not a directory (expected a work dir holding {LOG_NAME})")
     path = root / LOG_NAME
     if not path.is_file():
-        raise DataError(
-            f"no training log in {root}: {path} is missing (is this a work dir written by "
-            "'fgdistill train' or 'fgdistill distill'?)"
+        runs = sorted(p.parent.name for p in root.glob(f"*/{LOG_NAME}"))
+        hint = (
+            f"; its sub-directories {', '.join(runs)} have logs: pass those"
+            if runs
+            else " (is this a work dir written by 'fgdistill train' or 'fgdistill distill'?)"
         )
+        raise DataError(f"no training log in {root}: {path} is missing{hint}")
     run = RunLog(work_dir=root, name=root.resolve().name or str(root))
     lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, start=1):
