@@ -304,3 +304,31 @@ def test_input_validation(mutate: Any, match: str) -> None:
 def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FGDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fused_path_matches_blas_path(case: dict[str, Any]) -> None:
+    """The broadcast-and-sum formulation used under torch.compile equals the eager one."""
+    results = []
+    for fused in (False, True):
+        loss = build(case)
+        student = case["student"].detach().clone().requires_grad_(True)
+        terms = loss._terms(student, case["teacher"], case["boxes"], case["batch_shape"], fused)
+        torch.stack(list(terms.values())).sum().backward()
+        grads = {n: p.grad for n, p in loss.named_parameters()}
+        results.append((terms, student.grad, grads))
+    (t0, g0, p0), (t1, g1, p1) = results
+    for name in TERMS:
+        torch.testing.assert_close(t1[name], t0[name], rtol=1e-10, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-14)
+    for name, grad in p0.items():
+        torch.testing.assert_close(p1[name], grad, rtol=1e-9, atol=1e-14, msg=name)
+
+
+def test_nan_found_after_the_fact_names_the_input() -> None:
+    loss = FGDLoss(4, 4, alpha=1.0, beta=0.0, gamma=0.0, lambda_=0.0)
+    student = torch.randn(1, 4, 3, 3)
+    teacher = torch.randn(1, 4, 3, 3)
+    teacher[0, 2, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="teacher contains NaN or Inf"):
+        loss(student, teacher, [torch.tensor([[0.0, 0.0, 8.0, 8.0]])], (24, 24))

@@ -17,10 +17,13 @@ and the dense part has a hand-written backward. Every term is a sum divided by t
 as in the released code (not the paper's per-pixel normalisation).
 
 How it is computed: all dense terms come from ``D = S - T``. A custom autograd function reduces
-``D``, ``|S|`` and ``S`` to a few small statistics (per channel and per position) in a handful of
-passes, and the rest of the loss is ordinary autograd on those small tensors. Its backward builds
-``dL/dS`` as a short sum of broadcast products, in place, so the eager path needs a few passes over
-the features instead of the dozens of temporaries autograd would keep. The global term uses
+``D^2``, ``|S|`` and ``S`` to a few small statistics (per channel and per position), and the rest
+of the loss is ordinary autograd on those small tensors. Its backward builds ``dL/dS`` as a short
+sum of broadcast products, in place, so the eager path makes about ten passes over a feature map
+instead of the dozens of temporaries autograd would keep. In eager mode the reductions are
+matrix-vector products (BLAS gemv, several times faster than ``Tensor.sum`` on CPU); under
+``torch.compile`` they are written as broadcast-and-sum so that inductor fuses them into a few
+kernels. Both paths compute the same thing and are tested against each other. The global term uses
 ``sum((D + delta)^2) = sum(D^2) + 2*sum(delta * sum_hw D) + H*W*sum(delta^2)`` where ``delta``
 is the per-channel difference of the two context transforms; in float32 the *value* of that
 expansion can lose a few digits when ``delta`` nearly cancels the channel mean of ``D``, the
@@ -34,9 +37,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgdistill.losses.attention import abs_means, attention_from_means
+from fgdistill.losses.attention import attention_from_means
 from fgdistill.losses.masks import fgd_masks
 
 __all__ = ["TERMS", "ContextBlock", "FGDLoss", "check_loss_inputs"]
@@ -51,17 +55,55 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
-def _check_finite_cpu(name: str, x: Tensor) -> None:
-    """Raise if a CPU tensor holds NaN or Inf. Skipped on other devices and while compiling.
+# ---------------------------------------------------------------------------------------------
+# Reductions. ``fused=False`` (eager): BLAS matrix-vector products, one per image and weight row;
+# ``fused=True`` (under torch.compile): broadcast-and-sum, which inductor fuses without
+# materialising the product.
+# ---------------------------------------------------------------------------------------------
+def _reduce_positions(mat: Tensor, rows: Tensor, fused: bool) -> Tensor:
+    """``out[n, c, r] = sum_p mat[n, c, p] * rows[n, r, p]``: ``[N,C,P] x [N,R,P] -> [N,C,R]``."""
+    if fused:
+        return torch.stack(
+            [(mat * rows[:, r, None, :]).sum(dim=2) for r in range(rows.shape[1])], 2
+        )
+    return torch.stack(
+        [
+            torch.stack([torch.mv(mat[i], rows[i, r]) for r in range(rows.shape[1])], dim=1)
+            for i in range(mat.shape[0])
+        ]
+    )
 
-    A plain sum is finite whenever every element is (barring overflow), and it reads the tensor
-    once without writing a temporary; only when it is not finite do we look element by element.
-    On CUDA this check would need a host synchronisation, which the loss promises not to do, so
-    non-finite CUDA inputs simply give a non-finite loss.
-    """
-    if x.device.type != "cpu" or _is_compiling() or x.numel() == 0:
-        return
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+
+def _reduce_channels(mat: Tensor, weights: Tensor, fused: bool) -> Tensor:
+    """``out[n, p] = sum_c weights[n, c] * mat[n, c, p]``: ``[N, C, P] x [N, C] -> [N, P]``."""
+    if fused:
+        return (mat * weights[:, :, None]).sum(dim=1)
+    return torch.stack([torch.mv(mat[i].t(), weights[i]) for i in range(mat.shape[0])])
+
+
+def _sum_positions(mat: Tensor, fused: bool) -> Tensor:
+    """``sum_p mat``: ``[N, C, P] -> [N, C]`` (one gemv over all images in eager mode)."""
+    if fused:
+        return mat.sum(dim=2)
+    n, c, p = mat.shape
+    return torch.mv(mat.reshape(n * c, p), mat.new_ones(p)).reshape(n, c)
+
+
+def _abs_means(flat: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """``(mean_c |F| [N, P], mean_p |F| [N, C])`` of ``flat [N, C, P]``."""
+    n, c, p = flat.shape
+    magnitude = flat.abs()
+    if fused:
+        return magnitude.mean(dim=1), magnitude.mean(dim=2)
+    return (
+        _reduce_channels(magnitude, flat.new_full((n, c), 1.0 / c), False),
+        _sum_positions(magnitude, False) / p,
+    )
+
+
+def _check_finite_cpu(name: str, x: Tensor) -> None:
+    """Raise ``ValueError`` if a CPU tensor holds NaN or Inf (no-op on other devices)."""
+    if x.device.type == "cpu" and not _is_compiling() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -83,8 +125,9 @@ def check_loss_inputs(
         student_channels: expected ``Cs``.
         teacher_channels: expected ``Ct``.
 
-    Finiteness of the feature maps and boxes is checked for CPU tensors only (see
-    :func:`_check_finite_cpu`): on CUDA it would cost a host synchronisation.
+    Only shapes, types and (for CPU tensors) the boxes' values are checked here; none of it reads
+    a CUDA tensor's values, so nothing synchronises. The feature maps' values are checked by
+    :func:`check_finite_result` once the loss is computed, which costs no extra pass.
     """
     for name, x in (("student", student), ("teacher", teacher)):
         if not isinstance(x, Tensor):
@@ -129,6 +172,21 @@ def check_loss_inputs(
         raise ValueError(f"batch_shape must be a pair (H_in, W_in), got {batch_shape!r}") from None
     if not (in_h > 0 and in_w > 0):
         raise ValueError(f"batch_shape must be positive, got {batch_shape!r}")
+
+
+def check_finite_result(values: Sequence[Tensor], student: Tensor, teacher: Tensor) -> None:
+    """On CPU, if a computed loss value is not finite, find the input that made it so.
+
+    Every loss value sums over all of its inputs' elements, so a NaN or Inf in a feature map shows
+    up in the result; only then are the maps scanned, and a ``ValueError`` names the culprit. This
+    keeps the common path free of an extra pass over the features. On CUDA, and while compiling,
+    nothing is checked: reading a value would synchronise with the device, so non-finite CUDA
+    inputs give a non-finite loss, which the trainer sees.
+    """
+    if student.device.type != "cpu" or _is_compiling() or not values:
+        return
+    if bool(torch.isfinite(torch.stack([v.detach() for v in values])).all()):
+        return
     _check_finite_cpu("student", student)
     _check_finite_cpu("teacher", teacher)
 
@@ -139,7 +197,9 @@ class ContextBlock(nn.Module):
     Parameter layout follows the released code: ``mask`` is a 1x1 ``Conv2d(C, 1)``, ``transform``
     is ``Sequential(Conv2d(C, C//2, 1), LayerNorm([C//2, 1, 1]), ReLU, Conv2d(C//2, C, 1))``.
     ``mask`` is Kaiming-normal (fan-in) with zero bias and the last conv is zero-initialised, so
-    the block adds nothing at the start of training.
+    the block adds nothing at the start of training. The convs act on ``[N, C, 1, 1]`` context
+    vectors, so :meth:`channel_add` applies them as the equivalent linear layers (much faster
+    than 1x1 convolutions on a 1x1 map).
     """
 
     def __init__(self, channels: int) -> None:
@@ -166,28 +226,42 @@ class ContextBlock(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias)
 
-    def pool(self, feat: Tensor) -> Tensor:
+    def mask_vector(self) -> tuple[Tensor, Tensor]:
+        """The mask conv as ``(weight [C], bias [1])``."""
+        weight = self.mask.weight.reshape(-1)
+        bias = self.mask.bias if self.mask.bias is not None else weight.new_zeros(1)
+        return weight, bias
+
+    def pool(self, feat: Tensor, *, fused: bool | None = None) -> Tensor:
         """Attention-pooled context.
 
         Args:
             feat: ``FloatTensor[N, C, H, W]``.
+            fused: reduction style (default: fused while compiling, BLAS otherwise).
 
         Returns:
             ``FloatTensor[N, C]``, ``sum_hw softmax_hw(mask(F)) * F``.
         """
+        fused = _is_compiling() if fused is None else fused
         n, c, h, w = feat.shape
         flat = feat.reshape(n, c, h * w)
-        logits = torch.matmul(self.mask.weight.reshape(1, c), flat).squeeze(1)
-        if self.mask.bias is not None:
-            logits = logits + self.mask.bias
-        weights = torch.softmax(logits, dim=1)  # [N, HW]
-        return torch.bmm(flat, weights.unsqueeze(2)).squeeze(2)
+        weight, bias = self.mask_vector()
+        logits = _reduce_channels(flat, weight.expand(n, c), fused) + bias
+        attn = torch.softmax(logits, dim=1)  # [N, HW]
+        return _reduce_positions(flat, attn.unsqueeze(1), fused).squeeze(2)
 
     def channel_add(self, context: Tensor) -> Tensor:
         """``transform(context)``: ``FloatTensor[N, C]`` to ``FloatTensor[N, C]``."""
-        n, c = context.shape
-        out: Tensor = self.transform(context.reshape(n, c, 1, 1))
-        return out.reshape(n, c)
+        conv0, norm, _, conv3 = self.transform
+        assert isinstance(conv0, nn.Conv2d) and isinstance(conv3, nn.Conv2d)
+        assert isinstance(norm, nn.LayerNorm)
+        c = context.shape[1]
+        hidden = conv0.out_channels
+        x = F.linear(context, conv0.weight.reshape(hidden, c), conv0.bias)
+        norm_w = norm.weight.reshape(hidden) if norm.weight is not None else None
+        norm_b = norm.bias.reshape(hidden) if norm.bias is not None else None
+        x = F.relu(F.layer_norm(x, (hidden,), norm_w, norm_b, norm.eps))
+        return F.linear(x, conv3.weight.reshape(c, hidden), conv3.bias)
 
     def forward(self, feat: Tensor) -> Tensor:
         """``R(F) = F + transform(context(F))``: ``[N, C, H, W]`` to ``[N, C, H, W]``."""
@@ -199,18 +273,18 @@ class _DenseStats(torch.autograd.Function):
     """Reduce the student map to the small statistics the FGD loss needs, with a fused backward.
 
     Inputs: ``s`` and ``t`` ``[N, C, P]`` (``P = H*W``; ``t`` takes no gradient), ``pix``
-    ``[N, R, P]`` per-position weights (rows: fg and/or bg weight times teacher spatial attention,
-    and/or ones; no gradient), the student context mask's weight ``[C]`` and bias ``[1]``, and two
-    flags. Outputs (each empty ``[0]`` when not requested):
+    ``[N, R, P]`` per-position weights (rows: fg and/or bg mask times teacher spatial attention,
+    and/or ones; no gradient), the student context mask's weight ``[C]`` and bias ``[1]``,
+    ``t_sum = sum_p t`` ``[N, C]`` and three flags. Outputs (each empty ``[0]`` when not needed):
 
     * ``q [N, C, R]``: ``sum_p pix[n, r, p] * D[n, c, p]^2`` with ``D = s - t``;
     * ``sum_d [N, C]``: ``sum_p D`` (global term);
     * ``context [N, C]``: ``sum_p softmax_p(w.s + b) * s`` (global term);
     * ``spatial_mean [N, P]`` and ``channel_mean [N, C]``: means of ``|s|`` (attention term).
 
-    The backward writes ``dL/ds`` into one buffer: ``2 * D * (g_q @ pix)`` then, in place, the
-    low-rank part ``[g_sum_d, g_context, w] @ [1, a, g_logits]`` and the attention part
-    ``sign(s) * (g_spatial / C + g_channel / P)``.
+    The backward is ``dL/ds = 2 D (g_q @ pix) + [g_sum_d, g_context, w] @ [1, a, g_logits]
+    + sign(s) (g_spatial / C + g_channel / P)``, with ``a`` the softmax and ``g_logits`` its
+    input's gradient. The forward keeps no temporary of the features' size for the backward.
     """
 
     @staticmethod
@@ -221,36 +295,36 @@ class _DenseStats(torch.autograd.Function):
         pix: Tensor,
         mask_w: Tensor,
         mask_b: Tensor,
+        t_sum: Tensor,
         need_global: bool,
         need_attention: bool,
+        fused: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
-        c = s.shape[1]
-
-        def empty() -> Tensor:
-            return s.new_zeros(0)
-
-        d = torch.sub(s, t)
-        q = empty()
+        n, c, p = s.shape
+        q, sum_d, context = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
+        spatial_mean, channel_mean, attn = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
+        scratch: Tensor | None = None
         if pix.shape[1] > 0:
-            d2 = torch.square(d)
-            q = torch.bmm(d2, pix.transpose(1, 2))  # [N, C, R]
-            del d2
-        sum_d, context, weights = empty(), empty(), s.new_zeros(0)
+            # (s - t)^2 in one pass; mse_loss is a single fused kernel in eager mode
+            scratch = torch.square(s - t) if fused else F.mse_loss(s, t, reduction="none")
+            q = _reduce_positions(scratch, pix, fused)
         if need_global:
-            sum_d = d.sum(dim=2)
-            logits = torch.matmul(mask_w.reshape(1, c), s).squeeze(1) + mask_b  # [N, P]
-            weights = torch.softmax(logits, dim=1)
-            context = torch.bmm(s, weights.unsqueeze(2)).squeeze(2)  # [N, C]
-        spatial_mean, channel_mean = empty(), empty()
+            logits = _reduce_channels(s, mask_w.expand(n, c), fused) + mask_b
+            attn = torch.softmax(logits, dim=1)  # [N, P]
+            both = _reduce_positions(s, torch.stack([attn, s.new_ones(n, p)], dim=1), fused)
+            context = both[:, :, 0]
+            sum_d = both[:, :, 1] - t_sum
         if need_attention:
-            magnitude = torch.abs(s)
-            spatial_mean = magnitude.mean(dim=1)
-            channel_mean = magnitude.mean(dim=2)
-            del magnitude
-        ctx.save_for_backward(s, d, pix, mask_w, weights, context)
-        ctx.need_global = need_global
-        ctx.need_attention = need_attention
+            if fused or scratch is None:
+                spatial_mean, channel_mean = _abs_means(s, fused)
+            else:
+                magnitude = torch.abs(s, out=scratch)  # reuse the (s - t)^2 buffer
+                spatial_mean = _reduce_channels(magnitude, s.new_full((n, c), 1.0 / c), False)
+                channel_mean = _sum_positions(magnitude, False) / p
+        del scratch
+        ctx.save_for_backward(s, t, pix, mask_w, attn, context)
+        ctx.fused = fused
         outputs = (q, sum_d, context, spatial_mean, channel_mean)
         ctx.mark_non_differentiable(*(x for x in outputs if x.dim() == 1 and x.numel() == 0))
         return outputs
@@ -263,14 +337,15 @@ class _DenseStats(torch.autograd.Function):
         g_context: Tensor | None,
         g_spatial: Tensor | None,
         g_channel: Tensor | None,
-    ) -> tuple[Tensor | None, None, None, Tensor | None, Tensor | None, None, None]:
-        s, d, pix, mask_w, weights, context = ctx.saved_tensors
+    ) -> tuple[Tensor | None, ...]:
+        s, t, pix, mask_w, attn, context = ctx.saved_tensors
+        fused: bool = ctx.fused
         n, c, p = s.shape
-        grad: Tensor | None = None
-        if g_q is not None and pix.shape[1] > 0:
-            grad = torch.bmm(2.0 * g_q, pix)  # [N, C, P]
-            grad.mul_(d)
+        need_s = ctx.needs_input_grad[0]
+        if g_q is not None and pix.shape[1] == 0:
+            g_q = None
 
+        # The rank-k part [g_sum_d, g_context, w] @ [1, a, g_logits] and the mask's gradients.
         cols: list[Tensor] = []  # [N, C] factors
         rows: list[Tensor] = []  # [N, P] factors
         grad_w = grad_b = None
@@ -279,32 +354,72 @@ class _DenseStats(torch.autograd.Function):
             rows.append(s.new_ones(n, p))
         if g_context is not None:
             # context = s @ a, a = softmax(w.s + b): d/ds = g_ctx a^T + w (dL/dlogits)^T
-            pooled = torch.bmm(g_context.unsqueeze(1), s).squeeze(1)  # [N, P] = g_ctx . s
-            g_logits = weights * (pooled - (g_context * context).sum(dim=1, keepdim=True))
-            cols.append(g_context)
-            rows.append(weights)
-            cols.append(mask_w.reshape(1, c).expand(n, c))
-            rows.append(g_logits)
+            pooled = _reduce_channels(s, g_context, fused)  # [N, P]
+            g_logits = attn * (pooled - (g_context * context).sum(dim=1, keepdim=True))
+            cols += [g_context, mask_w.expand(n, c)]
+            rows += [attn, g_logits]
             if ctx.needs_input_grad[3]:
-                grad_w = torch.bmm(s, g_logits.unsqueeze(2)).sum(dim=0).reshape(mask_w.shape)
+                per_image = _reduce_positions(s, g_logits.unsqueeze(1), fused)  # [N, C, 1]
+                grad_w = per_image.sum(dim=(0, 2)).reshape(mask_w.shape)
             if ctx.needs_input_grad[4]:
                 grad_b = g_logits.sum().reshape(1)
-        if cols:
-            left = torch.stack(cols, dim=2)  # [N, C, k]
-            right = torch.stack(rows, dim=1)  # [N, k, P]
-            grad = torch.bmm(left, right) if grad is None else grad.baddbmm_(left, right)
 
-        if g_spatial is not None or g_channel is not None:
-            sign = torch.sign(s)
-            if grad is None:
-                grad = torch.zeros_like(s)
-            if g_spatial is not None:
-                grad.addcmul_(sign, (g_spatial / c).unsqueeze(1))
-            if g_channel is not None:
-                grad.addcmul_(sign, (g_channel / p).unsqueeze(2))
-        if grad is not None and not ctx.needs_input_grad[0]:
-            grad = None
-        return grad, None, None, grad_w, grad_b, None, None
+        grad: Tensor | None = None
+        if need_s and fused:
+            grad = _fused_grad(s, t, pix, g_q, cols, rows, g_spatial, g_channel)
+        elif need_s:
+            if g_q is not None:
+                d = torch.sub(s, t)
+                grad = torch.bmm(2.0 * g_q, pix)  # [N, C, P]
+                grad.mul_(d)
+            else:
+                d = torch.empty_like(s)
+            if cols:
+                left, right = torch.stack(cols, dim=2), torch.stack(rows, dim=1)
+                grad = torch.bmm(left, right) if grad is None else grad.baddbmm_(left, right)
+            if g_spatial is not None or g_channel is not None:
+                sign = torch.sign(s, out=d)  # reuse the difference buffer
+                if grad is None:
+                    grad = torch.zeros_like(s)
+                if g_spatial is not None:
+                    grad.addcmul_(sign, (g_spatial / c).unsqueeze(1))
+                if g_channel is not None:
+                    grad.addcmul_(sign, (g_channel / p).unsqueeze(2))
+        return grad, None, None, grad_w, grad_b, None, None, None, None
+
+
+def _fused_grad(
+    s: Tensor,
+    t: Tensor,
+    pix: Tensor,
+    g_q: Tensor | None,
+    cols: list[Tensor],
+    rows: list[Tensor],
+    g_spatial: Tensor | None,
+    g_channel: Tensor | None,
+) -> Tensor | None:
+    """``dL/ds`` as one broadcast expression (for inductor to fuse into a single kernel)."""
+    c, p = s.shape[1], s.shape[2]
+    grad: Tensor | None = None
+
+    def add(term: Tensor) -> None:
+        nonlocal grad
+        grad = term if grad is None else grad + term
+
+    if g_q is not None:
+        weight = sum(g_q[:, :, r, None] * pix[:, None, r, :] for r in range(pix.shape[1]))
+        assert isinstance(weight, Tensor)
+        add(2.0 * (s - t) * weight)
+    for col, row in zip(cols, rows, strict=True):
+        add(col[:, :, None] * row[:, None, :])
+    if g_spatial is not None or g_channel is not None:
+        scale = torch.zeros_like(s[:, :1, :1])
+        if g_spatial is not None:
+            scale = scale + (g_spatial / c)[:, None, :]
+        if g_channel is not None:
+            scale = scale + (g_channel / p)[:, :, None]
+        add(torch.sign(s) * scale)
+    return grad
 
 
 class FGDLoss(nn.Module):
@@ -328,7 +443,7 @@ class FGDLoss(nn.Module):
     takes a gradient; the teacher-side context block is trained with the student.
 
     Half-precision inputs are upcast to float32 (sums of squares overflow float16), and autocast
-    is disabled inside the loss.
+    is disabled inside the loss. On CUDA the loss reads no value back to the host.
     """
 
     def __init__(
@@ -405,14 +520,16 @@ class FGDLoss(nn.Module):
             its weight.
 
         Raises:
-            ValueError: wrong ranks, batch, spatial or channel sizes, box shapes, or (CPU only)
-                non-finite values.
+            ValueError: wrong ranks, batch, spatial or channel sizes, box shapes, or (CPU only,
+                see :func:`check_finite_result`) NaN or Inf values.
         """
         check_loss_inputs(
             student, teacher, boxes, batch_shape, self.student_channels, self.teacher_channels
         )
         with torch.autocast(device_type=student.device.type, enabled=False):
-            return self._terms(student, teacher.detach(), boxes, batch_shape)
+            out = self._terms(student, teacher.detach(), boxes, batch_shape, _is_compiling())
+        check_finite_result(list(out.values()), student, teacher)
+        return out
 
     def _terms(
         self,
@@ -420,13 +537,16 @@ class FGDLoss(nn.Module):
         teacher: Tensor,
         boxes: Sequence[Tensor],
         batch_shape: tuple[int, int],
+        fused: bool,
     ) -> dict[str, Tensor]:
         dtype = torch.promote_types(student.dtype, torch.float32)
-        student = student.to(dtype)
-        teacher = teacher.to(dtype)
-        s = self.align(student) if self.align is not None else student
+        s = student.to(dtype)
+        if self.align is not None:
+            s = self.align(s)
         n, c, h, w = s.shape
         p = h * w
+        s = s.reshape(n, c, p)
+        t = teacher.to(dtype).reshape(n, c, p)
         zero = s.new_zeros(())
         need_fg, need_bg = self.alpha > 0, self.beta > 0
         need_attention, need_global = self.gamma > 0, self.lambda_ > 0
@@ -434,10 +554,12 @@ class FGDLoss(nn.Module):
             return dict.fromkeys(TERMS, zero)
 
         with torch.no_grad():
-            t_spatial_mean, t_channel_mean = abs_means(teacher)
-            t_spatial, t_channel = attention_from_means(
-                t_spatial_mean, t_channel_mean, self.temperature
-            )
+            t_spatial = t_channel = zero
+            if need_fg or need_bg or need_attention:
+                t_spatial_mean, t_channel_mean = _abs_means(t, fused)
+                t_spatial, t_channel = attention_from_means(
+                    t_spatial_mean.reshape(n, h, w), t_channel_mean, self.temperature
+                )
             rows: list[Tensor] = []
             if need_fg or need_bg:
                 fg_mask, bg_mask = fgd_masks(
@@ -450,16 +572,11 @@ class FGDLoss(nn.Module):
             if need_global:
                 rows.append(s.new_ones(n, p))
             pix = torch.stack(rows, dim=1) if rows else s.new_zeros(n, 0, p)
+            t_sum = _sum_positions(t, fused) if need_global else s.new_zeros(0)
 
-        mask = self.student_context.mask
+        mask_w, mask_b = self.student_context.mask_vector()
         q, sum_d, context, s_spatial_mean, s_channel_mean = _DenseStats.apply(
-            s.reshape(n, c, p),
-            teacher.reshape(n, c, p),
-            pix,
-            mask.weight.reshape(c),
-            mask.bias,
-            need_global,
-            need_attention,
+            s, t, pix, mask_w, mask_b, t_sum, need_global, need_attention, fused
         )
 
         out: dict[str, Tensor] = {}
@@ -479,8 +596,9 @@ class FGDLoss(nn.Module):
         else:
             out["attention"] = zero
         if need_global:
+            t_context = self.teacher_context.pool(t.reshape(n, c, h, w), fused=fused)
             delta = self.student_context.channel_add(context) - self.teacher_context.channel_add(
-                self.teacher_context.pool(teacher)
+                t_context
             )  # [N, C]
             total_sq = q[:, :, col].sum() + 2.0 * (delta * sum_d).sum() + p * delta.square().sum()
             out["global"] = self.lambda_ * total_sq / n
