@@ -213,3 +213,70 @@ def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
     names = capsys.readouterr().out.split()
     assert "coco/fgd_retinanet_x101_64x4d_r50" in names
     assert "demo/demo" in names
+
+
+def test_distill_end_to_end(
+    trained: Path, synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher = dict(TINY["model"], backbone="resnet18")
+    cfg = write_config(
+        tmp_path / "fgd.yaml",
+        synth_dataset,
+        distill={
+            "teacher": teacher,
+            "teacher_checkpoint": str(trained / "model.pt"),
+            "fgd_weight_scale": 0.5,
+            "fgd_warmup_iters": 2,
+        },
+    )
+    out = tmp_path / "fgd"
+    code = main(
+        ["distill", str(cfg), "--work-dir", str(out), "--set", "optim.epochs=1", "--no-progress"]
+    )
+    assert code == 0
+    assert "student.pt" in capsys.readouterr().out
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    losses = records[0]["losses"]
+    levels = {k.split("/")[1] for k in losses if k.startswith("fgd/")}
+    assert levels == {"p3", "p4", "p5", "p6", "p7"}
+    assert {"fgd/p3/fg", "fgd/p3/bg", "fgd/p3/attention", "fgd/p3/global"} <= set(losses)
+    assert "classification" in losses
+    # student.pt is a plain detector state dict that rebuilds with model.yaml; the teacher
+    # is not in it, and the training checkpoint holds the FGD modules for resuming.
+    student = load_detector(out / "student.pt")
+    sd = torch.load(out / "student.pt", weights_only=True)
+    assert set(sd) == set(student.state_dict())
+    ckpt = load_checkpoint(out / "last.pt")
+    assert any(k.startswith("fgd.") for k in ckpt["trainable"])
+    assert set(ckpt["model"]) == set(sd)
+    # The teacher's weights are untouched by distillation.
+    teacher_sd = torch.load(trained / "model.pt", weights_only=True)
+    assert torch.equal(
+        teacher_sd["head.classification_head.cls_logits.weight"],
+        load_detector(trained / "model.pt").state_dict()[
+            "head.classification_head.cls_logits.weight"
+        ],
+    )
+
+
+@pytest.mark.parametrize("stop_at", [3])  # mid-epoch: 2 iterations per epoch
+def test_resume_matches_uninterrupted_run(
+    trained: Path, synth_dataset: Path, tmp_path: Path, stop_at: int
+) -> None:
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    work = tmp_path / "run"
+    base = ["train", str(cfg), "--work-dir", str(work), "--no-progress"]
+    assert main([*base, "--set", f"max_iters={stop_at}"]) == 0
+    assert load_checkpoint(work / "last.pt")["iter"] == stop_at
+    assert main([*base, "--resume"]) == 0
+    straight = torch.load(trained / "model.pt", weights_only=True)
+    resumed = torch.load(work / "model.pt", weights_only=True)
+    assert set(straight) == set(resumed)
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+    iters = [
+        json.loads(x)["iter"]
+        for x in (work / "log.jsonl").read_text().splitlines()
+        if json.loads(x)["type"] == "train"
+    ]
+    assert iters == [1, 2, 3, 4]

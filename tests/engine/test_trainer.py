@@ -191,6 +191,7 @@ def test_eval_hook_keeps_best(tmp_path: Path) -> None:
     assert seen == [10.0, 30.0, 20.0]
     assert trainer.best_metric == 30.0
     assert load_checkpoint(tmp_path / "best.pt")["iter"] == 6
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 9  # best.pt does not replace last.pt
 
 
 def test_hook_order_and_calls(tmp_path: Path) -> None:

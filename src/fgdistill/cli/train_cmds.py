@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from fgdistill.engine.distributed import cleanup
 from fgdistill.errors import ConfigError
 
 __all__ = ["packaged_configs", "register", "resolve_config_path"]
@@ -40,6 +42,11 @@ def resolve_config_path(name: str) -> Path:
         f"{name}: config file not found (and no packaged config of that name; packaged: "
         f"{', '.join(packaged_configs())})"
     )
+
+
+def _rank0() -> bool:
+    """True in the process that prints (rank 0 under torchrun, or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _add_common(parser: argparse.ArgumentParser, *, work_dir_help: str) -> None:
@@ -163,8 +170,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.config}: has a 'distill' section; run it with `fgdistill distill`"
         )
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    _print_outputs(result)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if _rank0():
+        _print_outputs(result)
     return 0
 
 
@@ -181,9 +192,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         )
     if args.teacher:
         cfg.distill.teacher_checkpoint = args.teacher
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    _print_outputs(result)
-    print(f"  {'student':12s} {result.model_path} (plain detector state dict)")
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if _rank0():
+        _print_outputs(result)
+        print(f"  {'student':12s} {result.model_path} (plain detector state dict)")
     return 0
 
 
@@ -192,7 +207,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     cfg.work_dir = str(args.work_dir or Path(args.checkpoint).parent)
-    metrics = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    try:
+        metrics = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if not _rank0():
+        return 0
     for task, values in metrics.items():
         print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     print(f"metrics written to {Path(cfg.work_dir) / 'eval_metrics.json'}")

@@ -520,7 +520,7 @@ def _resume(
     if distilling:
         if "trainable" not in ckpt:
             raise CheckpointError(f"{path}: not a distillation checkpoint (no 'trainable' state)")
-        load_state_dict_checked(trainable, ckpt["trainable"], source=str(path), strict=False)
+        load_state_dict_checked(trainable, ckpt["trainable"], source=str(path), strict=True)
     else:
         load_state_dict_checked(trainable, state_dict_of(ckpt), source=str(path), strict=True)
     for key in ("iter", "epoch", "epoch_iter", "optimizer", "rng"):

@@ -462,7 +462,8 @@ class CheckpointHook(HookBase):
         if du.is_main():
             path = save_checkpoint(self.checkpoint(), self.work_dir / name)
             logger.debug("wrote %s at iteration %d", path, self.trainer.iter)
-        self._saved_at = self.trainer.iter
+        if name == "last.pt":
+            self._saved_at = self.trainer.iter
 
     def after_step(self) -> None:
         if self.every_iters and self.trainer.iter % self.every_iters == 0:
