@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from fgdistill.errors import ConfigError
+
 __all__ = [
     "CATEGORY_SHAPES",
     "CATEGORY_TEXTURES",
@@ -117,7 +119,7 @@ class SynthConfig:
     def from_difficulty(cls, difficulty: float) -> SynthConfig:
         """Presets from 0 (clean, few objects) to 1 (crowded, noisy, low contrast)."""
         if not 0.0 <= difficulty <= 1.0:
-            raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+            raise ConfigError(f"difficulty must be in [0, 1], got {difficulty}")
         d = difficulty
 
         def irange(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -661,9 +663,9 @@ def generate_synthetic(
         A :class:`SynthSummary` with counts, size distribution and the speed.
     """
     if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
+        raise ConfigError(f"image_size must be >= 32, got {image_size}")
     if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got train {num_train}, val {num_val}")
+        raise ConfigError(f"image counts must be >= 0, got train {num_train}, val {num_val}")
     cfg = config if config is not None else SynthConfig.from_difficulty(difficulty)
     out = Path(out_dir)
     start = time.perf_counter()
