@@ -89,14 +89,13 @@ def _sum_positions(mat: Tensor, fused: bool) -> Tensor:
     return torch.mv(mat.reshape(n * c, p), mat.new_ones(p)).reshape(n, c)
 
 
-def _abs_means(flat: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-    """``(mean_c |F| [N, P], mean_p |F| [N, C])`` of ``flat [N, C, P]``."""
-    n, c, p = flat.shape
-    magnitude = flat.abs()
+def _abs_means_of(magnitude: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """``(mean_c [N, P], mean_p [N, C])`` of ``magnitude = |F|``, ``[N, C, P]``."""
+    n, c, p = magnitude.shape
     if fused:
         return magnitude.mean(dim=1), magnitude.mean(dim=2)
     return (
-        _reduce_channels(magnitude, flat.new_full((n, c), 1.0 / c), False),
+        _reduce_channels(magnitude, magnitude.new_full((n, c), 1.0 / c), False),
         _sum_positions(magnitude, False) / p,
     )
 
@@ -269,13 +268,35 @@ class ContextBlock(nn.Module):
         return feat + self.channel_add(self.pool(feat)).reshape(n, c, 1, 1)
 
 
+class _Workspace:
+    """A feature-sized scratch buffer shared by one forward and its backward (eager path only).
+
+    Kept out of autograd's sight on purpose: it holds no value the backward needs, only memory to
+    write into, so the eager path allocates one scratch buffer per level and call instead of one
+    per temporary (fresh large allocations page-fault and dominate the cost on CPU).
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buffer: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty_like(self.like)
+        return self.buffer
+
+    def release(self) -> None:
+        self.buffer = None
+
+
 class _DenseStats(torch.autograd.Function):
     """Reduce the student map to the small statistics the FGD loss needs, with a fused backward.
 
     Inputs: ``s`` and ``t`` ``[N, C, P]`` (``P = H*W``; ``t`` takes no gradient), ``pix``
     ``[N, R, P]`` per-position weights (rows: fg and/or bg mask times teacher spatial attention,
     and/or ones; no gradient), the student context mask's weight ``[C]`` and bias ``[1]``,
-    ``t_sum = sum_p t`` ``[N, C]`` and three flags. Outputs (each empty ``[0]`` when not needed):
+    ``t_sum = sum_p t`` ``[N, C]``, flags, and a :class:`_Workspace` (``None`` when fused).
+    Outputs (each empty ``[0]`` when not needed):
 
     * ``q [N, C, R]``: ``sum_p pix[n, r, p] * D[n, c, p]^2`` with ``D = s - t``;
     * ``sum_d [N, C]``: ``sum_p D`` (global term);
@@ -284,7 +305,8 @@ class _DenseStats(torch.autograd.Function):
 
     The backward is ``dL/ds = 2 D (g_q @ pix) + [g_sum_d, g_context, w] @ [1, a, g_logits]
     + sign(s) (g_spatial / C + g_channel / P)``, with ``a`` the softmax and ``g_logits`` its
-    input's gradient. The forward keeps no temporary of the features' size for the backward.
+    input's gradient. Nothing of the features' size is saved for the backward: ``D`` and
+    ``sign(s)`` are recomputed into the workspace.
     """
 
     @staticmethod
@@ -298,17 +320,19 @@ class _DenseStats(torch.autograd.Function):
         t_sum: Tensor,
         need_global: bool,
         need_attention: bool,
-        fused: bool,
+        workspace: _Workspace | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
+        fused = workspace is None
         n, c, p = s.shape
         q, sum_d, context = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
         spatial_mean, channel_mean, attn = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
-        scratch: Tensor | None = None
         if pix.shape[1] > 0:
-            # (s - t)^2 in one pass; mse_loss is a single fused kernel in eager mode
-            scratch = torch.square(s - t) if fused else F.mse_loss(s, t, reduction="none")
-            q = _reduce_positions(scratch, pix, fused)
+            if workspace is None:
+                q = _reduce_positions(torch.square(s - t), pix, True)
+            else:  # (s - t)^2 in one pass, into the workspace
+                sq = torch.ops.aten.mse_loss.out(s, t, 0, out=workspace.get())
+                q = _reduce_positions(sq, pix, False)
         if need_global:
             logits = _reduce_channels(s, mask_w.expand(n, c), fused) + mask_b
             attn = torch.softmax(logits, dim=1)  # [N, P]
@@ -316,15 +340,10 @@ class _DenseStats(torch.autograd.Function):
             context = both[:, :, 0]
             sum_d = both[:, :, 1] - t_sum
         if need_attention:
-            if fused or scratch is None:
-                spatial_mean, channel_mean = _abs_means(s, fused)
-            else:
-                magnitude = torch.abs(s, out=scratch)  # reuse the (s - t)^2 buffer
-                spatial_mean = _reduce_channels(magnitude, s.new_full((n, c), 1.0 / c), False)
-                channel_mean = _sum_positions(magnitude, False) / p
-        del scratch
+            magnitude = s.abs() if workspace is None else torch.abs(s, out=workspace.get())
+            spatial_mean, channel_mean = _abs_means_of(magnitude, fused)
         ctx.save_for_backward(s, t, pix, mask_w, attn, context)
-        ctx.fused = fused
+        ctx.workspace = workspace
         outputs = (q, sum_d, context, spatial_mean, channel_mean)
         ctx.mark_non_differentiable(*(x for x in outputs if x.dim() == 1 and x.numel() == 0))
         return outputs
@@ -339,9 +358,9 @@ class _DenseStats(torch.autograd.Function):
         g_channel: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         s, t, pix, mask_w, attn, context = ctx.saved_tensors
-        fused: bool = ctx.fused
+        workspace: _Workspace | None = ctx.workspace
+        fused = workspace is None
         n, c, p = s.shape
-        need_s = ctx.needs_input_grad[0]
         if g_q is not None and pix.shape[1] == 0:
             g_q = None
 
@@ -365,27 +384,58 @@ class _DenseStats(torch.autograd.Function):
                 grad_b = g_logits.sum().reshape(1)
 
         grad: Tensor | None = None
-        if need_s and fused:
+        if not ctx.needs_input_grad[0]:
+            pass
+        elif workspace is None:
             grad = _fused_grad(s, t, pix, g_q, cols, rows, g_spatial, g_channel)
-        elif need_s:
-            if g_q is not None:
-                d = torch.sub(s, t)
-                grad = torch.bmm(2.0 * g_q, pix)  # [N, C, P]
-                grad.mul_(d)
-            else:
-                d = torch.empty_like(s)
-            if cols:
-                left, right = torch.stack(cols, dim=2), torch.stack(rows, dim=1)
-                grad = torch.bmm(left, right) if grad is None else grad.baddbmm_(left, right)
-            if g_spatial is not None or g_channel is not None:
-                sign = torch.sign(s, out=d)  # reuse the difference buffer
-                if grad is None:
-                    grad = torch.zeros_like(s)
-                if g_spatial is not None:
-                    grad.addcmul_(sign, (g_spatial / c).unsqueeze(1))
-                if g_channel is not None:
-                    grad.addcmul_(sign, (g_channel / p).unsqueeze(2))
+        else:
+            grad = _eager_grad(s, t, pix, g_q, cols, rows, g_spatial, g_channel, workspace.get())
+            workspace.release()  # a retained graph's next backward allocates again
         return grad, None, None, grad_w, grad_b, None, None, None, None
+
+
+def _eager_grad(
+    s: Tensor,
+    t: Tensor,
+    pix: Tensor,
+    g_q: Tensor | None,
+    cols: list[Tensor],
+    rows: list[Tensor],
+    g_spatial: Tensor | None,
+    g_channel: Tensor | None,
+    scratch: Tensor,
+) -> Tensor:
+    """``dL/ds`` written into one new buffer with in-place BLAS and pointwise ops."""
+    c, p = s.shape[1], s.shape[2]
+    grad = torch.empty_like(s)
+    written = False
+    if g_q is not None:
+        torch.bmm(2.0 * g_q, pix, out=grad)  # the per-element weight of D
+        grad.mul_(torch.sub(s, t, out=scratch))
+        written = True
+    if cols:
+        left, right = torch.stack(cols, dim=2), torch.stack(rows, dim=1)
+        if written:
+            grad.baddbmm_(left, right)
+        else:
+            torch.bmm(left, right, out=grad)
+        written = True
+    if g_spatial is not None or g_channel is not None:
+        sign = torch.sign(s, out=scratch)
+        for factor in (
+            None if g_spatial is None else (g_spatial / c).unsqueeze(1),
+            None if g_channel is None else (g_channel / p).unsqueeze(2),
+        ):
+            if factor is None:
+                continue
+            if written:
+                grad.addcmul_(sign, factor)
+            else:
+                torch.mul(sign, factor, out=grad)
+                written = True
+    if not written:
+        grad.zero_()
+    return grad
 
 
 def _fused_grad(
@@ -554,9 +604,12 @@ class FGDLoss(nn.Module):
             return dict.fromkeys(TERMS, zero)
 
         with torch.no_grad():
+            workspace = None if fused else _Workspace(s)
             t_spatial = t_channel = zero
             if need_fg or need_bg or need_attention:
-                t_spatial_mean, t_channel_mean = _abs_means(t, fused)
+                t_abs = t.abs() if workspace is None else torch.abs(t, out=workspace.get())
+                t_spatial_mean, t_channel_mean = _abs_means_of(t_abs, fused)
+                del t_abs
                 t_spatial, t_channel = attention_from_means(
                     t_spatial_mean.reshape(n, h, w), t_channel_mean, self.temperature
                 )
@@ -576,7 +629,7 @@ class FGDLoss(nn.Module):
 
         mask_w, mask_b = self.student_context.mask_vector()
         q, sum_d, context, s_spatial_mean, s_channel_mean = _DenseStats.apply(
-            s, t, pix, mask_w, mask_b, t_sum, need_global, need_attention, fused
+            s, t, pix, mask_w, mask_b, t_sum, need_global, need_attention, workspace
         )
 
         out: dict[str, Tensor] = {}
