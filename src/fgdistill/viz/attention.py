@@ -369,7 +369,7 @@ def plot_attention(
         result.size = _pixel_size(fig, dpi)
     finally:
         plt.close(fig)
-    logger.info("wrote attention figure %s", path)
+    logger.debug("wrote attention figure %s", path)
     return result
 
 
@@ -633,7 +633,16 @@ def _draw_channels(ax: Axes, channel: Mapping[str, np.ndarray]) -> None:
             )
         ax.set_xlabel("channel rank / count (counts differ)", fontsize=8)
     ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
-    ax.set_title("channel attention A_c", fontsize=9)
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in channel.values()])
+    low, high = float(values.min()), float(values.max())
+    if low > 0 and high / low > 50:  # one dominant channel would flatten all the others
+        ax.set_yscale("log")
+        # Below 1e-3 a channel carries no weight worth seeing; do not let such values (down to
+        # 1e-40 on an untrained teacher) squeeze the rest into the top of the plot.
+        ax.set_ylim(max(low, 1e-3) / 1.5, high * 1.5)
+        ax.set_title("channel attention A_c (log scale)", fontsize=9)
+    else:
+        ax.set_title("channel attention A_c", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6.5, loc="upper right")
     ax.grid(alpha=0.3)

@@ -422,7 +422,7 @@ def plot_curves(
     fig.savefig(path, dpi=dpi)
     width, height = (round(float(v)) for v in fig.get_size_inches() * dpi)
     plt.close(fig)
-    logger.info("wrote training curves %s", path)
+    logger.debug("wrote training curves %s", path)
     return CurvesFigure(
         path=path,
         size=(width, height),

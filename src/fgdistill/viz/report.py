@@ -193,7 +193,7 @@ def write_report(
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     tmp.replace(out)
-    logger.info("wrote report %s", out)
+    logger.debug("wrote report %s", out)
     return out
 
 
