@@ -184,14 +184,20 @@ def _random_colours(
     rng: np.random.Generator, contrast: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two RGB colours float32 [3] whose luminances differ by a value drawn from ``contrast``."""
-    r = rng.random(9)
-    diff = contrast[0] + (contrast[1] - contrast[0]) * float(r[0])
-    low = float(r[1]) * max(1.0 - diff, 0.0)
+    r = rng.random(9).tolist()
+    diff = contrast[0] + (contrast[1] - contrast[0]) * r[0]
+    low = r[1] * max(1.0 - diff, 0.0)
     l0, l1 = (low, low + diff) if r[2] < 0.5 else (low + diff, low)
-    saturation = 0.5 * float(r[3])
-    c0 = np.clip(l0 + saturation * (2 * r[3:6] - 1), 0, 1)
-    c1 = np.clip(l1 + saturation * (2 * r[6:9] - 1), 0, 1)
-    return c0.astype(np.float32), c1.astype(np.float32)
+    saturation = 0.5 * r[3]
+    c0 = [min(max(l0 + saturation * (2 * v - 1), 0.0), 1.0) for v in r[3:6]]
+    c1 = [min(max(l1 + saturation * (2 * v - 1), 0.0), 1.0) for v in r[6:9]]
+    return np.array(c0, dtype=np.float32), np.array(c1, dtype=np.float32)
+
+
+def _clip01(x: np.ndarray) -> np.ndarray:
+    """Clip a temporary array to [0, 1] in place (cheaper than ``np.clip``) and return it."""
+    np.maximum(x, 0.0, out=x)
+    return np.minimum(x, 1.0, out=x)
 
 
 def _wave(
@@ -221,16 +227,26 @@ def _texture(
     k = 2 * math.pi / period
     # p = c * dx + s * dy runs along the pattern, q = c * dy - s * dx across it.
     if texture == "striped":
-        return np.clip(0.5 + 2.0 * _wave(k * c, k * s, dx, dy), 0, 1)
+        w = _wave(k * c, k * s, dx, dy)
+        w *= 2.0
+        w += 0.5
+        return _clip01(w)
     if texture == "checked":
-        return np.clip(0.5 + 3.0 * _wave(k * c, k * s, dx, dy) * _wave(-k * s, k * c, dx, dy), 0, 1)
+        w = _wave(k * c, k * s, dx, dy)
+        w *= _wave(-k * s, k * c, dx, dy)
+        w *= 3.0
+        w += 0.5
+        return _clip01(w)
     if texture == "dotted":
         wp = _wave(k * c, k * s, dx, dy, cos=True)
         wq = _wave(-k * s, k * c, dx, dy, cos=True)
-        return np.clip(4.0 * (wp * wq) - 1.7, 0, 1)
+        wp *= wq
+        wp *= 4.0
+        wp -= 1.7
+        return _clip01(wp)
     if texture == "plain":  # a smooth shading across the item
         scale = 0.35 / max(extent, 1.0)
-        return np.clip(0.5 + (scale * c) * dx + (scale * s) * dy, 0, 1)
+        return _clip01((0.5 + (scale * c) * dx) + (scale * s) * dy)
     raise ValueError(f"unknown texture {texture!r}")
 
 
@@ -336,10 +352,14 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
             px, py = _uniform(rng, 0, size), _uniform(rng, 0, size)
             width = _uniform(rng, 0.5, max(1.0, size / 40))
             opacity = _uniform(rng, 0.4, 0.9)
-            dist = np.abs(math.cos(theta) * (xs - px) + math.sin(theta) * (ys - py))
-            alpha = np.clip(width + 0.5 - dist, 0, 1)
+            ct, st = math.cos(theta), math.sin(theta)
+            alpha = np.abs((ct * xs - (ct * px + st * py)) + st * ys)  # distance to the line
+            np.subtract(width + 0.5, alpha, out=alpha)
+            alpha = _clip01(alpha)
             alpha *= opacity
-            img += (colour - img) * alpha[..., None]
+            delta = colour - img
+            delta *= alpha[..., None]
+            img += delta
         else:
             # A soft-edged textured blob, rendered in its window only.
             r = _uniform(rng, 0.15, 0.45) * size
@@ -360,10 +380,15 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
             dx = xs[:, x0:x1] - px
             dy = ys[y0:y1] - py
             rho = np.sqrt(dx * dx * squash + dy * dy)
-            alpha = np.clip((r - rho) * (opacity / (0.3 * r)), 0, opacity)
+            alpha = _clip01((r - rho) * (1 / (0.3 * r)))
+            alpha *= opacity
             tex = _texture(texture, dx, dy, period=period, angle=tex_angle, extent=r)
             patch = img[y0:y1, x0:x1]
-            patch += (colour + (c2 - colour) * tex[..., None] - patch) * alpha[..., None]
+            delta = (c2 - colour) * tex[..., None]
+            delta += colour
+            delta -= patch
+            delta *= alpha[..., None]
+            patch += delta
     return img
 
 
@@ -374,7 +399,8 @@ def render_image(
 
     Returns:
         ``(image, instances, num_occluded)``: image uint8 [size, size, 3]; instances as dicts
-        with ``category_id``, ``mask`` (bool [size, size], the visible part), ``bbox`` (xywh)
+        with ``category_id``, ``mask`` (uint8 [size, size], Fortran order, the visible part),
+        ``bbox`` (xywh)
         and ``area``; and how many instances lost more than 5% of their area to occlusion.
     """
     img = _draw_background(rng, size, cfg)
@@ -454,11 +480,15 @@ def render_image(
                     continue
                 for hit in np.flatnonzero(hidden):
                     visible[hit] -= int(hidden[hit])
-            alpha = np.clip(0.5 - sdf, 0, 1)[..., None]
+            np.subtract(0.5, sdf, out=sdf)
+            alpha = _clip01(sdf)[..., None]  # anti-aliased coverage
             tex = _texture(item.texture, dx, dy, period, tex_angle, extent)
-            colour = c0 + (c1 - c0) * tex[..., None]
-            patch = img[y0:y1, x0:x1]
-            img[y0:y1, x0:x1] = patch + (colour - patch) * alpha
+            colour = (c1 - c0) * tex[..., None]
+            colour += c0
+            patch = img[y0:y1, x0:x1]  # a view: the updates below draw into img
+            colour -= patch
+            colour *= alpha
+            patch += colour
             if item.category_id:
                 owner[y0:y1, x0:x1][mask] = len(visible)
                 visible.append(area)
@@ -499,7 +529,7 @@ def render_image(
             occluded += 1
         rows = np.flatnonzero(vis.any(axis=1))
         cols = np.flatnonzero(vis.any(axis=0))
-        full = np.zeros((size, size), dtype=bool)
+        full = np.zeros((size, size), dtype=np.uint8, order="F")  # pycocotools wants Fortran
         full[y0:y1, x0:x1] = vis
         instances.append(
             {
@@ -563,7 +593,7 @@ def _make_image(
     write_png(image_dir / f"{index:06d}.png", pixels)
     anns = []
     for inst in instances:
-        rle = mask_utils.encode(np.asfortranarray(inst["mask"], dtype=np.uint8))
+        rle = mask_utils.encode(inst["mask"])
         anns.append(
             {
                 "category_id": inst["category_id"],
