@@ -181,6 +181,21 @@ def test_not_an_image_is_a_clear_error(checkpoints, tmp_path, capsys) -> None:
     assert "cannot read image" in capsys.readouterr().err
 
 
+def test_temperature_comes_from_the_distillation_config(tmp_path) -> None:
+    from fgdistill.cli.viz_cmds import _trained_temperature
+
+    ckpt = tmp_path / "student.pt"
+    assert _trained_temperature(ckpt) is None  # no config.yaml
+    (tmp_path / "config.yaml").write_text("distill:\n  preset: fcos\n")
+    assert _trained_temperature(ckpt) == 0.8
+    (tmp_path / "config.yaml").write_text(
+        "distill:\n  preset: fcos\n  hparams: {temperature: 0.3}\n"
+    )
+    assert _trained_temperature(ckpt) == 0.3
+    (tmp_path / "config.yaml").write_text("model: {arch: retinanet}\n")  # a baseline run
+    assert _trained_temperature(ckpt) is None
+
+
 def _log(work_dir: Path) -> Path:
     work_dir.mkdir(parents=True)
     records = [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fgdistill.errors import DataError
 
@@ -71,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     att.add_argument(
         "--temperature",
         type=float,
-        help="FGD temperature t (default: the paper's for the student's family: 0.5, FCOS 0.8)",
+        help="FGD temperature t (default: the one the student was distilled with, from the "
+        "config.yaml beside it, else the paper's for its family: 0.5, FCOS 0.8)",
     )
     att.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     att.add_argument(
@@ -158,6 +160,26 @@ def load_gt_boxes(ann_file: str | Path, image_names: Sequence[str]) -> dict[str,
     return {name: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for name, b in boxes.items()}
 
 
+def _trained_temperature(checkpoint: Path) -> float | None:
+    """The temperature the student was distilled with, from the config.yaml beside it."""
+    from fgdistill.losses.multilevel import PRESETS
+
+    config = checkpoint.parent / "config.yaml"
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    distill = data.get("distill") if isinstance(data, dict) else None
+    if not isinstance(distill, dict):
+        return None
+    hparams = distill.get("hparams")
+    value = hparams.get("temperature") if isinstance(hparams, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    preset = distill.get("preset")
+    return PRESETS[preset].temperature if isinstance(preset, str) and preset in PRESETS else None
+
+
 def _out_names(images: Sequence[Path]) -> list[str]:
     """``attention_<stem>.png`` for each image, numbered where two stems are equal."""
     names: list[str] = []
@@ -203,6 +225,8 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     arch = (model_spec(student) or {}).get("arch")
     temperature = args.temperature
+    if temperature is None:
+        temperature = _trained_temperature(Path(args.student))
     if temperature is None:
         temperature = PRESETS[arch].temperature if arch in PRESETS else 0.5
     levels = args.levels
