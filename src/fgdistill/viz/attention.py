@@ -159,6 +159,9 @@ def extract_features(
     models = {"student": student, "teacher": teacher}
     if baseline is not None:
         models["baseline"] = baseline
+    for name, m in models.items():
+        if name != "student":
+            _warn_if_normalised_differently(student, m, name)
     modes = {sub: sub.training for m in models.values() for sub in m.modules()}
     try:
         for m in models.values():
@@ -193,6 +196,22 @@ def extract_features(
             else None
         ),
     )
+
+
+def _warn_if_normalised_differently(student: nn.Module, other: nn.Module, name: str) -> None:
+    """The other model sees the student's normalised batch; say so if it expects another."""
+    s_tf, o_tf = getattr(student, "transform", None), getattr(other, "transform", None)
+    for attr in ("image_mean", "image_std"):
+        s_val, o_val = getattr(s_tf, attr, None), getattr(o_tf, attr, None)
+        if s_val is not None and o_val is not None and list(s_val) != list(o_val):
+            logger.warning(
+                "the %s normalises images with %s %s, the student with %s: it sees the "
+                "student's batch, as in distillation, so its maps may be off",
+                name,
+                attr,
+                list(o_val),
+                list(s_val),
+            )
 
 
 def _backbone(model: nn.Module) -> nn.Module:
