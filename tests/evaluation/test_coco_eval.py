@@ -15,7 +15,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fgdistill.data.coco import CocoDetection
+from fgdistill.data.coco import CategoryMap, CocoDetection
 from fgdistill.errors import DataError
 from fgdistill.evaluation import METRIC_NAMES, COCOEvaluator, score_results_file
 
@@ -177,6 +177,9 @@ def test_process_rejects_bad_outputs(synth_dataset: Path) -> None:
         evaluator.process([target], [{k: v for k, v in out.items() if k != "masks"}])
     with pytest.raises(ValueError, match="iou type"):
         COCOEvaluator(ds.coco, iou_types=("keypoints",))
+    other = CategoryMap([{"id": 1, "name": "a"}, {"id": 50, "name": "b"}])
+    with pytest.raises(DataError, match=r"ids \[50\] that the ground truth does not"):
+        COCOEvaluator(ds.coco, other)
 
 
 def test_segm_needs_ground_truth_masks(synth_dataset: Path, tmp_path: Path) -> None:

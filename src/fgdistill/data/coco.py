@@ -682,12 +682,11 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
     def _target(self, info: ImageRecord) -> Target:
         anns = self._anns[info.id]
         w, h = info.width, info.height
-        boxes = torch.zeros((len(anns), 4), dtype=torch.float32)
-        for k, ann in enumerate(anns):
-            x, y, bw, bh = ann.bbox
-            boxes[k] = torch.tensor([x, y, x + bw, y + bh])
-        boxes[:, 0::2].clamp_(0, w)
-        boxes[:, 1::2].clamp_(0, h)
+        xywh = np.array([a.bbox for a in anns], dtype=np.float32).reshape(-1, 4)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        np.clip(xyxy[:, 0::2], 0, w, out=xyxy[:, 0::2])
+        np.clip(xyxy[:, 1::2], 0, h, out=xyxy[:, 1::2])
+        boxes = torch.from_numpy(xyxy)
         target: Target = {
             "boxes": boxes,
             "labels": torch.tensor(

@@ -171,6 +171,12 @@ class COCOEvaluator:
             raise ValueError("iou_types must name at least one of 'bbox', 'segm'")
         self.coco_gt = _load_ground_truth(ann_file_or_coco)
         self.category_map = category_map or CategoryMap(self.coco_gt.dataset["categories"])
+        unknown = set(self.category_map.cat_ids) - set(self.coco_gt.getCatIds())
+        if unknown:
+            raise DataError(
+                f"the category map has ids {sorted(unknown)} that the ground truth does not; "
+                "was it built from another dataset?"
+            )
         self.iou_types = tuple(iou_types)
         self.mask_threshold = mask_threshold
         self._gt_image_ids = set(self.coco_gt.getImgIds())
