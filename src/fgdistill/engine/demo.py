@@ -23,6 +23,7 @@ settings changed is run again from scratch.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -264,7 +265,7 @@ def run_demo(
         if name == "fgd":
             if cfg.distill is None:
                 raise ConfigError(f"{config}: fgd: needs a 'distill' section")
-            cfg.distill.teacher = configs["teacher"].model
+            cfg.distill.teacher = copy.deepcopy(configs["teacher"].model)
             cfg.distill.teacher_checkpoint = str(work / "teacher" / "model.pt")
             upstream.append(fingerprints["teacher"])
         plain = config_to_dict(cfg)
@@ -300,7 +301,8 @@ def run_demo(
             {"fingerprint": fp, "complete": False, "wall_time_s": stage.get("wall_time_s", 0.0)},
         )
         t0 = time.perf_counter()
-        result = train_fn(cfg, resume=resume, progress=progress)
+        # train() fills in e.g. num_classes; keep the config the fingerprint was taken from.
+        result = train_fn(copy.deepcopy(cfg), resume=resume, progress=progress)
         wall = float(stage.get("wall_time_s", 0.0)) if resume else 0.0
         wall += time.perf_counter() - t0
         _write_stage(folder, {"fingerprint": fp, "complete": True, "wall_time_s": round(wall, 2)})
