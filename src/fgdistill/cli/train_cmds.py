@@ -268,6 +268,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         config=resolve_config_path(args.config),
         overrides=args.overrides,
         progress=not args.no_progress,
+        say=lambda line: print(line, flush=True),
     )
     print()
     print(summary.table())

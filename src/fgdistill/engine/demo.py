@@ -208,8 +208,12 @@ def run_demo(
     overrides: Sequence[str] = (),
     progress: bool = True,
     train_fn: Callable[..., Any] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> DemoSummary:
-    """Run (or reuse) the demo's stages in ``work_dir`` and return the table's contents."""
+    """Run (or reuse) the demo's stages in ``work_dir`` and return the table's contents.
+
+    ``say`` receives one line per stage (the CLI prints them); by default they are logged.
+    """
     from fgdistill.data.synth import generate_synthetic
     from fgdistill.engine.runner import train
 
@@ -226,23 +230,28 @@ def run_demo(
     ann_val = data_dir / "annotations" / "instances_val.json"
     if stage.get("fingerprint") == data_fp and stage.get("complete") and ann_val.is_file():
         data_time = float(stage.get("wall_time_s", 0.0))
-        _say(progress, f"[1/5] data: reusing {data_dir}")
+        _say(say, f"[1/5] data: reusing {data_dir}")
     else:
         _say(
-            progress,
+            say,
             f"[1/5] data: generating {synth.num_train} + {synth.num_val} synthetic images "
             f"of {synth.image_size} px in {data_dir}",
         )
         if data_dir.exists():
             shutil.rmtree(data_dir)
         t0 = time.perf_counter()
-        generate_synthetic(
-            data_dir,
-            num_train=synth.num_train,
-            num_val=synth.num_val,
-            image_size=synth.image_size,
-            seed=synth.seed,
-            difficulty=synth.difficulty,
+        _with_file_progress(
+            lambda: generate_synthetic(
+                data_dir,
+                num_train=synth.num_train,
+                num_val=synth.num_val,
+                image_size=synth.image_size,
+                seed=synth.seed,
+                difficulty=synth.difficulty,
+            ),
+            folders=[data_dir / "train", data_dir / "val"],
+            total=synth.num_train + synth.num_val,
+            enabled=progress,
         )
         data_time = time.perf_counter() - t0
         _write_stage(
@@ -277,7 +286,7 @@ def run_demo(
         desc = f"{name} ({cfg.model.arch} {cfg.model.backbone})"
         metrics_file = folder / "metrics.json"
         if stage.get("fingerprint") == fp and stage.get("complete") and metrics_file.is_file():
-            _say(progress, f"[{number}/5] {desc}: reusing {folder}")
+            _say(say, f"[{number}/5] {desc}: reusing {folder}")
             metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
             rows.append(
                 StageResult(
@@ -295,7 +304,7 @@ def run_demo(
         if not resume and folder.exists():
             shutil.rmtree(folder)
         action = "resuming" if resume else "training"
-        _say(progress, f"[{number}/5] {desc}: {action} in {folder}")
+        _say(say, f"[{number}/5] {desc}: {action} in {folder}")
         _write_stage(
             folder,
             {"fingerprint": fp, "complete": False, "wall_time_s": stage.get("wall_time_s", 0.0)},
@@ -318,9 +327,9 @@ def run_demo(
             )
         )
         ap = rows[-1].metrics.get("AP", float("nan"))
-        _say(progress, f"      {name}: bbox AP {ap:.2f} after {_mmss(wall)}")
+        _say(say, f"      {name}: bbox AP {ap:.2f} after {_mmss(wall)}")
 
-    _say(progress, "[5/5] evaluation: every run was evaluated on the validation split at its end")
+    _say(say, "[5/5] evaluation: every run was evaluated on the validation split at its end")
     total = time.perf_counter() - start
     summary = DemoSummary(
         work_dir=work,
@@ -332,6 +341,37 @@ def run_demo(
     )
     _write_results(summary)
     return summary
+
+
+def _with_file_progress(
+    fn: Callable[[], Any], *, folders: Sequence[Path], total: int, enabled: bool
+) -> Any:
+    """Run ``fn`` in a thread while a tqdm bar counts the PNG files appearing in ``folders``."""
+    if not enabled:
+        return fn()
+    import threading
+
+    from tqdm.auto import tqdm
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    with tqdm(total=total, desc="data", unit="img") as bar:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            done = sum(len(list(f.glob("*.png"))) for f in folders if f.is_dir())
+            bar.update(min(done, total) - bar.n)
+        bar.update(total - bar.n)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 def _write_results(summary: DemoSummary) -> None:
@@ -352,6 +392,8 @@ def _write_results(summary: DemoSummary) -> None:
     (work / "results.md").write_text(md, encoding="utf-8")
 
 
-def _say(progress: bool, message: str) -> None:
-    # The demo talks to the person running it; library code logs, and the CLI shows INFO.
-    logger.info(message)
+def _say(say: Callable[[str], None] | None, message: str) -> None:
+    if say is None:
+        logger.info(message)
+    else:
+        say(message)
