@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -231,6 +232,15 @@ def test_eval_output_format(model: RepPoints) -> None:
         assert (det["boxes"][:, 2:] >= det["boxes"][:, :2]).all()
 
 
+def test_eval_with_targets_returns_detections(model: RepPoints) -> None:
+    """As in torchvision, targets given in eval mode do not turn the output into losses."""
+    images, targets = images_and_targets()
+    model.eval()
+    with torch.no_grad():
+        out = model(images, targets)
+    assert isinstance(out, list) and len(out) == 2 and "boxes" in out[0]
+
+
 def test_empty_targets_give_zero_box_losses(model: RepPoints) -> None:
     images, _ = images_and_targets()
     empty = [
@@ -320,7 +330,20 @@ def test_rejects_backbone_without_out_channels() -> None:
         RepPoints(small_backbone(), 1)
 
 
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
+    made this test up to 10x slower (measured); one thread keeps it near 20 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_overfits_two_images() -> None:
     m = small_model()
     g = torch.Generator().manual_seed(0)

@@ -517,6 +517,7 @@ class RepPoints(nn.Module):
         """``pts``: ``FloatTensor[N, 2P, H, W]`` (strides) -> ``FloatTensor[N, H*W, 4]`` pixels."""
         n, c, h, w = pts.shape
         p = c // 2
+        pts = pts.float()  # box coordinates in float32 also under autocast
         pts = pts.view(n, p, 2, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w, p, 2)
         boxes = moment_boxes(pts, log_scale)  # in strides, relative to the location
         ys = torch.arange(h, device=pts.device, dtype=pts.dtype)
@@ -531,7 +532,8 @@ class RepPoints(nn.Module):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Train mode: dict of losses. Eval mode: list of detections (see the class docstring)."""
-        if self.training:
+        if self.training or targets is not None:
+            # Like torchvision, targets given in eval mode are resized too (not used for output).
             validate_targets(targets, len(images), self.num_classes)
         original_sizes: list[tuple[int, int]] = []
         for img in images:
@@ -539,7 +541,7 @@ class RepPoints(nn.Module):
                 raise DataError(f"expected images of shape [C, H, W], got {tuple(img.shape)}")
             original_sizes.append((int(img.shape[-2]), int(img.shape[-1])))
 
-        image_list, t_targets = self.transform(images, targets if self.training else None)
+        image_list, t_targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
