@@ -98,6 +98,9 @@ def test_visualize_attention_grey_rgba_with_gt(checkpoints, images, tmp_path, ca
     assert "wrote" in captured.out and "attention_grey.png" in captured.out
     report = (out / "attention_report.html").read_text()
     assert report.count("<img src='attention_") == 2 and "One row per FPN level" in report
+    assert report.count("<tr>") == 1 + 2 * 2  # header + (2 images x 2 levels)
+    assert "spatial L1, baseline" in report
+    assert "p3: attention L1 to the teacher" in captured.out
 
 
 def test_visualize_defaults_to_the_distilled_levels(checkpoints, images, tmp_path) -> None:

@@ -67,6 +67,24 @@ def test_maps_drawn_are_the_loss_functions(tmp_path: Path) -> None:
         assert drawn["fg mask"].max() > 0 and drawn["bg mask"].sum() == pytest.approx(1.0)
 
 
+def test_a_student_near_the_teacher_shows_smaller_distances(tmp_path: Path) -> None:
+    teacher = _features(0)
+    g = torch.Generator().manual_seed(5)
+    near = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
+    fig = plot_attention(
+        torch.rand(3, 64, 96), teacher, near, tmp_path / "a.png", baseline=_features(3), dpi=DPI
+    )
+    for level in fig.levels:
+        d = fig.distance[level]
+        assert d["student"]["spatial"] < d["baseline"]["spatial"]
+        assert d["student"]["channel"] < d["baseline"]["channel"]
+        expected = np.abs(fig.channel[level]["teacher"] - fig.channel[level]["student"]).sum()
+        assert d["student"]["channel"] == pytest.approx(expected)
+        assert d["student"]["spatial"] == pytest.approx(
+            fig.spatial[level]["|teacher-student|"].sum()
+        )
+
+
 def test_calls_the_shared_attention_function(tmp_path: Path, monkeypatch) -> None:
     calls: list[tuple[int, ...]] = []
     original = loss_attention.spatial_attention
@@ -117,6 +135,7 @@ def test_unequal_channel_counts_are_drawn(tmp_path: Path) -> None:
     )
     assert fig.channel["p3"]["teacher"].shape == (16,)
     assert fig.channel["p3"]["student"].shape == (8,)
+    assert np.isnan(fig.distance["p3"]["student"]["channel"])
 
 
 def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
     from fgdistill.models.build import model_spec
     from fgdistill.viz.attention import extract_features, load_image, plot_attention
-    from fgdistill.viz.report import Figure, write_report
+    from fgdistill.viz.report import Figure, Table, write_report
 
     # Check every input before the (slow) model loading.
     images = [Path(p) for p in args.images]
@@ -234,6 +234,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    rows: list[dict[str, object]] = []
     for image_path, out_name in zip(images, _out_names(images), strict=True):
         picture = load_image(image_path)
         boxes = None
@@ -266,6 +267,18 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         written.append(figure.path)
         width, height = figure.size
         print(f"wrote {figure.path} ({len(figure.levels)} levels, {width}x{height} px)")
+        for level, by_role in figure.distance.items():
+            row: dict[str, object] = {"image": image_path.name, "level": level}
+            for kind in ("spatial", "channel"):
+                for role, values in by_role.items():
+                    row[f"{kind} L1, {role}"] = values[kind]
+            rows.append(row)
+            print(
+                f"  {level}: attention L1 to the teacher (spatial / channel): "
+                + "; ".join(
+                    f"{role} {v['spatial']:.3g} / {v['channel']:.3g}" for role, v in by_role.items()
+                )
+            )
 
     notes = [
         f"Teacher: {args.teacher}. Student: {args.student}."
@@ -285,6 +298,16 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             for p, src in zip(written, images, strict=True)
         ],
         notes=notes,
+        tables=[
+            Table(
+                "How far each student's attention is from the teacher's",
+                rows,
+                note="L1 distances sum |A^teacher - A^student| over positions (spatial) and "
+                "over channels (channel): the two halves of FGD's unweighted attention loss for "
+                "this image. Smaller is closer to the teacher; a student distilled with FGD "
+                "should be below the baseline.",
+            )
+        ],
         embed_images=False,
         filename="attention_report.html",
     )

@@ -256,6 +256,10 @@ class AttentionFigure:
             shown through its difference to the teacher).
         channel: ``{level: {"teacher" | "student" | "baseline": ndarray[C]}}``, the channel
             attention drawn (in channel order, before sorting for display).
+        distance: ``{level: {"student" | "baseline": {"spatial": float, "channel": float}}}``,
+            each model's L1 distance to the teacher, ``sum |A_s^T - A_s|`` and
+            ``sum |A_c^T - A_c|`` (FGD's unweighted attention loss for one image); ``channel``
+            is NaN when the channel counts differ. Numbers for a report's table.
         caption: how to read the picture (for reports).
     """
 
@@ -265,6 +269,7 @@ class AttentionFigure:
     columns: list[str]
     spatial: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     channel: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    distance: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     caption: str = ATTENTION_CAPTION
 
 
@@ -375,6 +380,18 @@ def plot_attention(
                 drawn["fg mask"], drawn["bg mask"] = fg[0].numpy(), bg[0].numpy()
             result.spatial[level] = drawn
             result.channel[level] = channel
+            result.distance[level] = {
+                role: {
+                    "spatial": float(np.abs(spatial["teacher"] - spatial[role]).sum()),
+                    "channel": (
+                        float(np.abs(channel["teacher"] - channel[role]).sum())
+                        if channel[role].shape == channel["teacher"].shape
+                        else float("nan")
+                    ),
+                }
+                for role in spatial
+                if role != "teacher"
+            }
             label = f"{level}: stride {_level_stride(level, h_in / hw[0]):g}, {hw[0]}x{hw[1]} cells"
             _draw_row(fig, list(grid[row]), columns, drawn, channel, picture, (h_in, w_in), boxes)
             grid[row][0].set_ylabel(label, fontsize=10)
