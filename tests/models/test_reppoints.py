@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, deform_conv2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from fgdistill.errors import DataError
@@ -23,6 +23,7 @@ from fgdistill.models.reppoints import (
     RepPointsHead,
     assign_max_iou,
     assign_points,
+    deform_conv2d_by_sampling,
     moment_boxes,
     pairwise_iou_batched,
 )
@@ -137,11 +138,32 @@ def test_assign_max_iou_thresholds_and_low_quality() -> None:
 # ---- head --------------------------------------------------------------------------------
 
 
-def test_dcn_at_regular_grid_equals_plain_conv() -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_deform_conv_by_sampling_matches_torchvision(groups: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    # Offsets up to +-4 pixels: some taps fall outside the map (zero padding).
+    off = (torch.rand(2, 18, 7, 5, generator=g, dtype=torch.float64) * 8 - 4).requires_grad_()
+    w = torch.randn(4, 6 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 4, 7, 5, generator=g, dtype=torch.float64)
+    ref = deform_conv2d(x, off, w, b, padding=(1, 1))
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (x, off, w, b))
+    out = deform_conv2d_by_sampling(x, off, w, b)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, off, w, b))
+    torch.testing.assert_close(out, ref)
+    for name, got, want in zip(
+        ("input", "offset", "weight", "bias"), grads, ref_grads, strict=True
+    ):
+        torch.testing.assert_close(got, want, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "sampling"])
+def test_dcn_at_regular_grid_equals_plain_conv(impl: str) -> None:
     """With initial points on the regular 3x3 grid, the deformable conv is a plain conv, which
     checks the (dy, dx) ordering of the points against deform_conv2d's offsets."""
     torch.manual_seed(0)
-    head = RepPointsHead(8, 2, channels=8, stacked_convs=1)
+    head = RepPointsHead(8, 2, channels=8, stacked_convs=1, deform_impl=impl)
     with torch.no_grad():
         head.pts_init_out.weight.zero_()
         head.pts_init_out.bias.copy_(head.base_offset.flatten())
@@ -164,6 +186,8 @@ def test_dcn_at_regular_grid_equals_plain_conv() -> None:
 def test_head_rejects_non_square_points() -> None:
     with pytest.raises(ValueError, match="num_points"):
         RepPointsHead(8, 2, num_points=8, channels=8)
+    with pytest.raises(ValueError, match="deform_impl"):
+        RepPointsHead(8, 2, channels=8, deform_impl="cuda")
 
 
 # ---- detector contract --------------------------------------------------------------------
@@ -321,6 +345,17 @@ def test_initial_points_get_gradient_through_dcn_scaled() -> None:
     m(images, targets)["classification"].backward()
     grad = m.head.pts_init_out.weight.grad
     assert grad is not None and torch.any(grad != 0)
+
+
+def test_deform_impls_give_the_same_losses() -> None:
+    images, targets = images_and_targets()
+    losses = {}
+    for impl in ("torchvision", "sampling"):
+        m = small_model(deform_impl=impl)  # same seed, same weights
+        m.train()
+        losses[impl] = m(images, targets)
+    for name, value in losses["torchvision"].items():
+        torch.testing.assert_close(losses["sampling"][name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_rejects_backbone_without_out_channels() -> None:

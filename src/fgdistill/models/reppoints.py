@@ -56,6 +56,7 @@ __all__ = [
     "RepPointsHead",
     "assign_max_iou",
     "assign_points",
+    "deform_conv2d_by_sampling",
     "moment_boxes",
     "pairwise_iou_batched",
     "validate_targets",
@@ -224,6 +225,61 @@ def assign_max_iou(
     return matched
 
 
+def deform_conv2d_by_sampling(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Deformable convolution (stride 1, "same" padding, one offset group, no mask) computed as
+    bilinear sampling (:func:`torch.nn.functional.grid_sample`) followed by one matrix product.
+
+    It computes what ``torchvision.ops.deform_conv2d(input, offset, weight, bias,
+    padding=k // 2)`` computes (same zero padding outside the map, same bilinear weights), with
+    the weight's groups inferred from its shape. On a CPU it trains several times faster than
+    torchvision's kernel, which is single-threaded and slow in backward; it keeps the sampled
+    ``[N, C_in * k * k, H * W]`` tensor for backward, so on a GPU torchvision's kernel (which
+    recomputes it) is the leaner choice.
+
+    Args:
+        input: ``FloatTensor[N, C_in, H, W]``.
+        offset: ``FloatTensor[N, 2 k k, H, W]``, pairs ``(dy, dx)`` per kernel tap, row-major.
+        weight: ``FloatTensor[C_out, C_in / groups, k, k]`` with ``k`` odd.
+        bias: ``FloatTensor[C_out]`` or ``None``.
+
+    Returns:
+        ``FloatTensor[N, C_out, H, W]``.
+    """
+    n, c_in, h, w = input.shape
+    c_out, c_per_group, k, _ = weight.shape
+    groups = c_in // c_per_group
+    taps = k * k
+    if offset.shape != (n, 2 * taps, h, w) or k % 2 == 0 or groups * c_per_group != c_in:
+        raise ValueError(
+            f"deform_conv2d_by_sampling: bad shapes input {tuple(input.shape)}, offset "
+            f"{tuple(offset.shape)}, weight {tuple(weight.shape)}"
+        )
+    r = torch.arange(k, device=input.device, dtype=offset.dtype) - k // 2
+    ky, kx = torch.meshgrid(r, r, indexing="ij")
+    gy = torch.arange(h, device=input.device, dtype=offset.dtype)
+    gx = torch.arange(w, device=input.device, dtype=offset.dtype)
+    off = offset.view(n, taps, 2, h, w)
+    pos_y = off[:, :, 0] + ky.reshape(1, taps, 1, 1) + gy.view(1, 1, h, 1)
+    pos_x = off[:, :, 1] + kx.reshape(1, taps, 1, 1) + gx.view(1, 1, 1, w)
+    # Pixel centres at integer positions, align_corners=False: p -> (p + 0.5) * 2 / size - 1.
+    grid = torch.stack(((pos_x + 0.5) * (2.0 / w) - 1.0, (pos_y + 0.5) * (2.0 / h) - 1.0), dim=-1)
+    sampled = F.grid_sample(
+        input,
+        grid.view(n, taps * h, w, 2).to(input.dtype),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )  # [N, C_in, taps * H, W]
+    cols = sampled.view(n, groups, c_per_group * taps, h * w)
+    out = torch.matmul(weight.reshape(groups, c_out // groups, c_per_group * taps), cols)
+    out = out.view(n, c_out, h, w)
+    if bias is not None:
+        out = out + bias.view(1, c_out, 1, 1)
+    return out
+
+
 def validate_targets(
     targets: list[dict[str, Tensor]] | None, num_images: int, num_classes: int
 ) -> None:
@@ -308,6 +364,9 @@ class RepPointsHead(nn.Module):
         stacked_convs: depth of the two GroupNorm towers.
         gradient_mul: gradient fraction of the initial points fed to the deformable convs.
         prior_prob: initial foreground probability of the classifier.
+        deform_impl: ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`), ``"sampling"``
+            (:func:`deform_conv2d_by_sampling`, the same function, faster on a CPU) or
+            ``"auto"``: torchvision on CUDA, sampling elsewhere.
     """
 
     def __init__(
@@ -320,8 +379,14 @@ class RepPointsHead(nn.Module):
         stacked_convs: int = 3,
         gradient_mul: float = 0.1,
         prior_prob: float = 0.01,
+        deform_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if deform_impl not in ("auto", "torchvision", "sampling"):
+            raise ValueError(
+                f"deform_impl must be 'auto', 'torchvision' or 'sampling', got {deform_impl!r}"
+            )
+        self.deform_impl = deform_impl
         kernel = math.isqrt(num_points)
         if kernel * kernel != num_points or kernel % 2 == 0:
             raise ValueError(f"num_points must be the square of an odd number, got {num_points}")
@@ -366,14 +431,15 @@ class RepPointsHead(nn.Module):
         pts_init = self.pts_init_out(F.relu(self.pts_init_conv(reg_feat)))
         pts_dcn = (1 - self.gradient_mul) * pts_init.detach() + self.gradient_mul * pts_init
         offset = pts_dcn - self.base_offset.to(pts_dcn.dtype)
-        pad = self.kernel // 2
-        dcn = deform_conv2d(
-            torch.cat((cls_feat, reg_feat), dim=1),
-            offset,
-            self.dcn_weight,
-            self.dcn_bias,
-            padding=(pad, pad),
-        )
+        feats = torch.cat((cls_feat, reg_feat), dim=1)
+        impl = self.deform_impl
+        if impl == "auto":
+            impl = "torchvision" if x.is_cuda else "sampling"
+        if impl == "torchvision":
+            pad = self.kernel // 2
+            dcn = deform_conv2d(feats, offset, self.dcn_weight, self.dcn_bias, padding=(pad, pad))
+        else:
+            dcn = deform_conv2d_by_sampling(feats, offset, self.dcn_weight, self.dcn_bias)
         dcn = F.relu(dcn)
         cls_logits = self.cls_out(dcn[:, : self.channels])
         pts_refine = self.pts_refine_out(dcn[:, self.channels :]) + pts_init.detach()
@@ -425,6 +491,9 @@ class RepPoints(nn.Module):
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
         gradient_mul: gradient fraction of the initial points fed to the deformable convs (0.1).
         moment_mul: gradient fraction of the learned moment transfer (0.01).
+        deform_impl: how the deformable convolutions run (see :class:`RepPointsHead`);
+            ``"auto"`` uses :func:`torchvision.ops.deform_conv2d` on CUDA and the equivalent,
+            faster sampling form on a CPU.
         **kwargs: further arguments of ``GeneralizedRCNNTransform`` (e.g. ``fixed_size``).
     """
 
@@ -454,6 +523,7 @@ class RepPoints(nn.Module):
         focal_gamma: float = 2.0,
         gradient_mul: float = 0.1,
         moment_mul: float = 0.01,
+        deform_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -477,6 +547,7 @@ class RepPoints(nn.Module):
             channels=head_channels,
             stacked_convs=stacked_convs,
             gradient_mul=gradient_mul,
+            deform_impl=deform_impl,
         )
         # Learned moment transfer (log s_x, log s_y), shared by both stages and all levels.
         self.moment_transfer = nn.Parameter(torch.zeros(2))
