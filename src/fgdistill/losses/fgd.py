@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgdistill.losses._dense import DenseSpec, DenseStats, default_chunk
 from fgdistill.losses.attention import attention_from_means
 from fgdistill.losses.masks import fgd_masks
 
@@ -53,51 +53,6 @@ TERMS: tuple[str, ...] = ("fg", "bg", "attention", "global")
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
-
-
-# ---------------------------------------------------------------------------------------------
-# Reductions. ``fused=False`` (eager): BLAS matrix-vector products, one per image and weight row;
-# ``fused=True`` (under torch.compile): broadcast-and-sum, which inductor fuses without
-# materialising the product.
-# ---------------------------------------------------------------------------------------------
-def _reduce_positions(mat: Tensor, rows: Tensor, fused: bool) -> Tensor:
-    """``out[n, c, r] = sum_p mat[n, c, p] * rows[n, r, p]``: ``[N,C,P] x [N,R,P] -> [N,C,R]``."""
-    if fused:
-        return torch.stack(
-            [(mat * rows[:, r, None, :]).sum(dim=2) for r in range(rows.shape[1])], 2
-        )
-    return torch.stack(
-        [
-            torch.stack([torch.mv(mat[i], rows[i, r]) for r in range(rows.shape[1])], dim=1)
-            for i in range(mat.shape[0])
-        ]
-    )
-
-
-def _reduce_channels(mat: Tensor, weights: Tensor, fused: bool) -> Tensor:
-    """``out[n, p] = sum_c weights[n, c] * mat[n, c, p]``: ``[N, C, P] x [N, C] -> [N, P]``."""
-    if fused:
-        return (mat * weights[:, :, None]).sum(dim=1)
-    return torch.stack([torch.mv(mat[i].t(), weights[i]) for i in range(mat.shape[0])])
-
-
-def _sum_positions(mat: Tensor, fused: bool) -> Tensor:
-    """``sum_p mat``: ``[N, C, P] -> [N, C]`` (one gemv over all images in eager mode)."""
-    if fused:
-        return mat.sum(dim=2)
-    n, c, p = mat.shape
-    return torch.mv(mat.reshape(n * c, p), mat.new_ones(p)).reshape(n, c)
-
-
-def _abs_means_of(magnitude: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-    """``(mean_c [N, P], mean_p [N, C])`` of ``magnitude = |F|``, ``[N, C, P]``."""
-    n, c, p = magnitude.shape
-    if fused:
-        return magnitude.mean(dim=1), magnitude.mean(dim=2)
-    return (
-        _reduce_channels(magnitude, magnitude.new_full((n, c), 1.0 / c), False),
-        _sum_positions(magnitude, False) / p,
-    )
 
 
 def _check_finite_cpu(name: str, x: Tensor) -> None:
@@ -231,23 +186,20 @@ class ContextBlock(nn.Module):
         bias = self.mask.bias if self.mask.bias is not None else weight.new_zeros(1)
         return weight, bias
 
-    def pool(self, feat: Tensor, *, fused: bool | None = None) -> Tensor:
+    def pool(self, feat: Tensor) -> Tensor:
         """Attention-pooled context.
 
         Args:
             feat: ``FloatTensor[N, C, H, W]``.
-            fused: reduction style (default: fused while compiling, BLAS otherwise).
 
         Returns:
             ``FloatTensor[N, C]``, ``sum_hw softmax_hw(mask(F)) * F``.
         """
-        fused = _is_compiling() if fused is None else fused
         n, c, h, w = feat.shape
         flat = feat.reshape(n, c, h * w)
         weight, bias = self.mask_vector()
-        logits = _reduce_channels(flat, weight.expand(n, c), fused) + bias
-        attn = torch.softmax(logits, dim=1)  # [N, HW]
-        return _reduce_positions(flat, attn.unsqueeze(1), fused).squeeze(2)
+        attn = torch.softmax((flat * weight[None, :, None]).sum(dim=1) + bias, dim=1)  # [N, HW]
+        return (flat * attn[:, None, :]).sum(dim=2)
 
     def channel_add(self, context: Tensor) -> Tensor:
         """``transform(context)``: ``FloatTensor[N, C]`` to ``FloatTensor[N, C]``."""
@@ -266,210 +218,6 @@ class ContextBlock(nn.Module):
         """``R(F) = F + transform(context(F))``: ``[N, C, H, W]`` to ``[N, C, H, W]``."""
         n, c = feat.shape[:2]
         return feat + self.channel_add(self.pool(feat)).reshape(n, c, 1, 1)
-
-
-class _Workspace:
-    """A feature-sized scratch buffer shared by one forward and its backward (eager path only).
-
-    Kept out of autograd's sight on purpose: it holds no value the backward needs, only memory to
-    write into, so the eager path allocates one scratch buffer per level and call instead of one
-    per temporary (fresh large allocations page-fault and dominate the cost on CPU).
-    """
-
-    def __init__(self, like: Tensor) -> None:
-        self.like = like
-        self.buffer: Tensor | None = None
-
-    def get(self) -> Tensor:
-        if self.buffer is None:
-            self.buffer = torch.empty_like(self.like)
-        return self.buffer
-
-    def release(self) -> None:
-        self.buffer = None
-
-
-class _DenseStats(torch.autograd.Function):
-    """Reduce the student map to the small statistics the FGD loss needs, with a fused backward.
-
-    Inputs: ``s`` and ``t`` ``[N, C, P]`` (``P = H*W``; ``t`` takes no gradient), ``pix``
-    ``[N, R, P]`` per-position weights (rows: fg and/or bg mask times teacher spatial attention,
-    and/or ones; no gradient), the student context mask's weight ``[C]`` and bias ``[1]``,
-    ``t_sum = sum_p t`` ``[N, C]``, flags, and a :class:`_Workspace` (``None`` when fused).
-    Outputs (each empty ``[0]`` when not needed):
-
-    * ``q [N, C, R]``: ``sum_p pix[n, r, p] * D[n, c, p]^2`` with ``D = s - t``;
-    * ``sum_d [N, C]``: ``sum_p D`` (global term);
-    * ``context [N, C]``: ``sum_p softmax_p(w.s + b) * s`` (global term);
-    * ``spatial_mean [N, P]`` and ``channel_mean [N, C]``: means of ``|s|`` (attention term).
-
-    The backward is ``dL/ds = 2 D (g_q @ pix) + [g_sum_d, g_context, w] @ [1, a, g_logits]
-    + sign(s) (g_spatial / C + g_channel / P)``, with ``a`` the softmax and ``g_logits`` its
-    input's gradient. Nothing of the features' size is saved for the backward: ``D`` and
-    ``sign(s)`` are recomputed into the workspace.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        s: Tensor,
-        t: Tensor,
-        pix: Tensor,
-        mask_w: Tensor,
-        mask_b: Tensor,
-        t_sum: Tensor,
-        need_global: bool,
-        need_attention: bool,
-        workspace: _Workspace | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        ctx.set_materialize_grads(False)
-        fused = workspace is None
-        n, c, p = s.shape
-        q, sum_d, context = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
-        spatial_mean, channel_mean, attn = s.new_zeros(0), s.new_zeros(0), s.new_zeros(0)
-        if pix.shape[1] > 0:
-            if workspace is None:
-                q = _reduce_positions(torch.square(s - t), pix, True)
-            else:  # (s - t)^2 in one pass, into the workspace
-                sq = torch.ops.aten.mse_loss.out(s, t, 0, out=workspace.get())
-                q = _reduce_positions(sq, pix, False)
-        if need_global:
-            logits = _reduce_channels(s, mask_w.expand(n, c), fused) + mask_b
-            attn = torch.softmax(logits, dim=1)  # [N, P]
-            both = _reduce_positions(s, torch.stack([attn, s.new_ones(n, p)], dim=1), fused)
-            context = both[:, :, 0]
-            sum_d = both[:, :, 1] - t_sum
-        if need_attention:
-            magnitude = s.abs() if workspace is None else torch.abs(s, out=workspace.get())
-            spatial_mean, channel_mean = _abs_means_of(magnitude, fused)
-        ctx.save_for_backward(s, t, pix, mask_w, attn, context)
-        ctx.workspace = workspace
-        outputs = (q, sum_d, context, spatial_mean, channel_mean)
-        ctx.mark_non_differentiable(*(x for x in outputs if x.dim() == 1 and x.numel() == 0))
-        return outputs
-
-    @staticmethod
-    def backward(
-        ctx: Any,
-        g_q: Tensor | None,
-        g_sum_d: Tensor | None,
-        g_context: Tensor | None,
-        g_spatial: Tensor | None,
-        g_channel: Tensor | None,
-    ) -> tuple[Tensor | None, ...]:
-        s, t, pix, mask_w, attn, context = ctx.saved_tensors
-        workspace: _Workspace | None = ctx.workspace
-        fused = workspace is None
-        n, c, p = s.shape
-        if g_q is not None and pix.shape[1] == 0:
-            g_q = None
-
-        # The rank-k part [g_sum_d, g_context, w] @ [1, a, g_logits] and the mask's gradients.
-        cols: list[Tensor] = []  # [N, C] factors
-        rows: list[Tensor] = []  # [N, P] factors
-        grad_w = grad_b = None
-        if g_sum_d is not None:
-            cols.append(g_sum_d)
-            rows.append(s.new_ones(n, p))
-        if g_context is not None:
-            # context = s @ a, a = softmax(w.s + b): d/ds = g_ctx a^T + w (dL/dlogits)^T
-            pooled = _reduce_channels(s, g_context, fused)  # [N, P]
-            g_logits = attn * (pooled - (g_context * context).sum(dim=1, keepdim=True))
-            cols += [g_context, mask_w.expand(n, c)]
-            rows += [attn, g_logits]
-            if ctx.needs_input_grad[3]:
-                per_image = _reduce_positions(s, g_logits.unsqueeze(1), fused)  # [N, C, 1]
-                grad_w = per_image.sum(dim=(0, 2)).reshape(mask_w.shape)
-            if ctx.needs_input_grad[4]:
-                grad_b = g_logits.sum().reshape(1)
-
-        grad: Tensor | None = None
-        if not ctx.needs_input_grad[0]:
-            pass
-        elif workspace is None:
-            grad = _fused_grad(s, t, pix, g_q, cols, rows, g_spatial, g_channel)
-        else:
-            grad = _eager_grad(s, t, pix, g_q, cols, rows, g_spatial, g_channel, workspace.get())
-            workspace.release()  # a retained graph's next backward allocates again
-        return grad, None, None, grad_w, grad_b, None, None, None, None
-
-
-def _eager_grad(
-    s: Tensor,
-    t: Tensor,
-    pix: Tensor,
-    g_q: Tensor | None,
-    cols: list[Tensor],
-    rows: list[Tensor],
-    g_spatial: Tensor | None,
-    g_channel: Tensor | None,
-    scratch: Tensor,
-) -> Tensor:
-    """``dL/ds`` written into one new buffer with in-place BLAS and pointwise ops."""
-    c, p = s.shape[1], s.shape[2]
-    grad = torch.empty_like(s)
-    written = False
-    if g_q is not None:
-        torch.bmm(2.0 * g_q, pix, out=grad)  # the per-element weight of D
-        grad.mul_(torch.sub(s, t, out=scratch))
-        written = True
-    if cols:
-        left, right = torch.stack(cols, dim=2), torch.stack(rows, dim=1)
-        if written:
-            grad.baddbmm_(left, right)
-        else:
-            torch.bmm(left, right, out=grad)
-        written = True
-    if g_spatial is not None or g_channel is not None:
-        sign = torch.sign(s, out=scratch)
-        for factor in (
-            None if g_spatial is None else (g_spatial / c).unsqueeze(1),
-            None if g_channel is None else (g_channel / p).unsqueeze(2),
-        ):
-            if factor is None:
-                continue
-            if written:
-                grad.addcmul_(sign, factor)
-            else:
-                torch.mul(sign, factor, out=grad)
-                written = True
-    if not written:
-        grad.zero_()
-    return grad
-
-
-def _fused_grad(
-    s: Tensor,
-    t: Tensor,
-    pix: Tensor,
-    g_q: Tensor | None,
-    cols: list[Tensor],
-    rows: list[Tensor],
-    g_spatial: Tensor | None,
-    g_channel: Tensor | None,
-) -> Tensor | None:
-    """``dL/ds`` as one broadcast expression (for inductor to fuse into a single kernel)."""
-    c, p = s.shape[1], s.shape[2]
-    grad: Tensor | None = None
-
-    def add(term: Tensor) -> None:
-        nonlocal grad
-        grad = term if grad is None else grad + term
-
-    if g_q is not None:
-        weight = sum(g_q[:, :, r, None] * pix[:, None, r, :] for r in range(pix.shape[1]))
-        assert isinstance(weight, Tensor)
-        add(2.0 * (s - t) * weight)
-    for col, row in zip(cols, rows, strict=True):
-        add(col[:, :, None] * row[:, None, :])
-    if g_spatial is not None or g_channel is not None:
-        scale = torch.zeros_like(s[:, :1, :1])
-        if g_spatial is not None:
-            scale = scale + (g_spatial / c)[:, None, :]
-        if g_channel is not None:
-            scale = scale + (g_channel / p)[:, :, None]
-        add(torch.sign(s) * scale)
-    return grad
 
 
 class FGDLoss(nn.Module):
@@ -577,7 +325,8 @@ class FGDLoss(nn.Module):
             student, teacher, boxes, batch_shape, self.student_channels, self.teacher_channels
         )
         with torch.autocast(device_type=student.device.type, enabled=False):
-            out = self._terms(student, teacher.detach(), boxes, batch_shape, _is_compiling())
+            chunk = 0 if _is_compiling() else None
+            out = self._terms(student, teacher.detach(), boxes, batch_shape, chunk)
         check_finite_result(list(out.values()), student, teacher)
         return out
 
@@ -587,8 +336,9 @@ class FGDLoss(nn.Module):
         teacher: Tensor,
         boxes: Sequence[Tensor],
         batch_shape: tuple[int, int],
-        fused: bool,
+        chunk: int | None = None,
     ) -> dict[str, Tensor]:
+        """The terms; ``chunk``: positions per block (None: by device; 0: fused expressions)."""
         dtype = torch.promote_types(student.dtype, torch.float32)
         s = student.to(dtype)
         if self.align is not None:
@@ -598,62 +348,51 @@ class FGDLoss(nn.Module):
         s = s.reshape(n, c, p)
         t = teacher.to(dtype).reshape(n, c, p)
         zero = s.new_zeros(())
-        need_fg, need_bg = self.alpha > 0, self.beta > 0
-        need_attention, need_global = self.gamma > 0, self.lambda_ > 0
-        if not (need_fg or need_bg or need_attention or need_global):
+        spec = DenseSpec(
+            fg=self.alpha > 0,
+            bg=self.beta > 0,
+            attention=self.gamma > 0,
+            global_=self.lambda_ > 0,
+            temperature=self.temperature,
+            chunk=default_chunk(s.shape, s.element_size(), s.device) if chunk is None else chunk,
+        )
+        if not (spec.teacher_attention or spec.global_):
             return dict.fromkeys(TERMS, zero)
 
-        with torch.no_grad():
-            workspace = None if fused else _Workspace(s)
-            t_spatial = t_channel = zero
-            if need_fg or need_bg or need_attention:
-                t_abs = t.abs() if workspace is None else torch.abs(t, out=workspace.get())
-                t_spatial_mean, t_channel_mean = _abs_means_of(t_abs, fused)
-                del t_abs
-                t_spatial, t_channel = attention_from_means(
-                    t_spatial_mean.reshape(n, h, w), t_channel_mean, self.temperature
-                )
-            rows: list[Tensor] = []
-            if need_fg or need_bg:
+        fg_mask = bg_mask = s.new_zeros(0)
+        if spec.fg or spec.bg:
+            with torch.no_grad():
                 fg_mask, bg_mask = fgd_masks(
                     boxes, (h, w), batch_shape, dtype=dtype, device=s.device
                 )
-                if need_fg:
-                    rows.append((fg_mask * t_spatial).reshape(n, p))
-                if need_bg:
-                    rows.append((bg_mask * t_spatial).reshape(n, p))
-            if need_global:
-                rows.append(s.new_ones(n, p))
-            pix = torch.stack(rows, dim=1) if rows else s.new_zeros(n, 0, p)
-            t_sum = _sum_positions(t, fused) if need_global else s.new_zeros(0)
-
-        mask_w, mask_b = self.student_context.mask_vector()
-        q, sum_d, context, s_spatial_mean, s_channel_mean = _DenseStats.apply(
-            s, t, pix, mask_w, mask_b, t_sum, need_global, need_attention, workspace
+            fg_mask, bg_mask = fg_mask.reshape(n, p), bg_mask.reshape(n, p)
+        w_s, b_s = self.student_context.mask_vector()
+        w_t, b_t = self.teacher_context.mask_vector()
+        q, sum_d, ctx_s, ctx_t, u_s, v_s, t_spatial, t_channel = DenseStats.apply(
+            s, t, fg_mask, bg_mask, w_s, b_s, w_t, b_t, spec
         )
 
         out: dict[str, Tensor] = {}
-        col = 0
-        for name, needed, weight in (("fg", need_fg, self.alpha), ("bg", need_bg, self.beta)):
+        row = 0
+        for name, needed, weight in (("fg", spec.fg, self.alpha), ("bg", spec.bg, self.beta)):
             if needed:
-                out[name] = weight * (q[:, :, col] * t_channel).sum() / n
-                col += 1
+                out[name] = weight * (q[:, :, row] * t_channel).sum() / n
+                row += 1
             else:
                 out[name] = zero
-        if need_attention:
-            s_spatial, s_channel = attention_from_means(
-                s_spatial_mean.reshape(n, h, w), s_channel_mean, self.temperature
-            )
-            att = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
+        if spec.attention:
+            s_spatial, s_channel = attention_from_means(u_s.reshape(n, h, w), v_s, self.temperature)
+            att = (s_channel - t_channel).abs().sum() + (
+                s_spatial.reshape(n, p) - t_spatial
+            ).abs().sum()
             out["attention"] = self.gamma * att / n
         else:
             out["attention"] = zero
-        if need_global:
-            t_context = self.teacher_context.pool(t.reshape(n, c, h, w), fused=fused)
-            delta = self.student_context.channel_add(context) - self.teacher_context.channel_add(
-                t_context
+        if spec.global_:
+            delta = self.student_context.channel_add(ctx_s) - self.teacher_context.channel_add(
+                ctx_t
             )  # [N, C]
-            total_sq = q[:, :, col].sum() + 2.0 * (delta * sum_d).sum() + p * delta.square().sum()
+            total_sq = q[:, :, row].sum() + 2.0 * (delta * sum_d).sum() + p * delta.square().sum()
             out["global"] = self.lambda_ * total_sq / n
         else:
             out["global"] = zero
