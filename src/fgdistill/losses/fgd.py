@@ -16,18 +16,21 @@ released code used the unpadded image size on a padded map), masks are built wit
 and the dense part has a hand-written backward. Every term is a sum divided by the batch size only,
 as in the released code (not the paper's per-pixel normalisation).
 
-How it is computed: all dense terms come from ``D = S - T``. A custom autograd function reduces
-``D^2``, ``|S|`` and ``S`` to a few small statistics (per channel and per position), and the rest
-of the loss is ordinary autograd on those small tensors. Its backward builds ``dL/dS`` as a short
-sum of broadcast products, in place, so the eager path makes about ten passes over a feature map
-instead of the dozens of temporaries autograd would keep. In eager mode the reductions are
-matrix-vector products (BLAS gemv, several times faster than ``Tensor.sum`` on CPU); under
-``torch.compile`` they are written as broadcast-and-sum so that inductor fuses them into a few
-kernels. Both paths compute the same thing and are tested against each other. The global term uses
-``sum((D + delta)^2) = sum(D^2) + 2*sum(delta * sum_hw D) + H*W*sum(delta^2)`` where ``delta``
-is the per-channel difference of the two context transforms; in float32 the *value* of that
-expansion can lose a few digits when ``delta`` nearly cancels the channel mean of ``D``, the
-gradient does not.
+How it is computed: all dense terms come from ``D = S - T``, ``|S|``, ``|T|``, ``S`` and
+``T``, reduced to a few small statistics (per channel, per position) by one custom autograd
+function (:class:`fgdistill.losses._dense.DenseStats`); the rest of the loss is ordinary autograd
+on those small tensors. Its backward writes ``dL/dS`` directly as a short sum of broadcast
+products. In eager mode it walks each image in cache-sized blocks with BLAS matrix-vector
+reductions, so each map is read from memory a couple of times instead of the dozens of
+temporaries autograd would keep; under ``torch.compile`` it uses whole-tensor broadcast
+expressions that inductor fuses. The global term uses ``sum((D + delta)^2) = sum(D^2)
++ 2*sum(delta * sum_hw D) + H*W*sum(delta^2)`` where ``delta`` is the per-channel difference of
+the two context transforms; in float32 the *value* of that expansion can lose a few digits when
+``delta`` nearly cancels the channel mean of ``D``, the gradient does not.
+
+Memory: besides the gradient, the eager path keeps only small per-image statistics between
+forward and backward (and a scratch block of about 1 MiB), so the loss adds little to a training
+step's peak memory.
 """
 
 from __future__ import annotations
