@@ -355,6 +355,21 @@ def peak_memory_cpu(names: Sequence[str], threads: int) -> dict[str, float]:
     return out
 
 
+def choose_threads(setting: str) -> int:
+    """Threads for torch on CPU: an explicit number, or torch's default capped at idle cores."""
+    if setting != "auto":
+        try:
+            threads = int(setting)
+        except ValueError:
+            raise SystemExit(f"--threads must be a number or 'auto', got {setting!r}") from None
+        if threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {threads}")
+        return threads
+    cores = os.cpu_count() or 1
+    idle = max(1, round(cores - os.getloadavg()[0]))
+    return max(1, min(torch.get_num_threads(), idle))
+
+
 def speedup_cpu(cpu_medians: dict[str, float]) -> float:
     return cpu_medians["loop"] / cpu_medians["fgd"]
 
@@ -365,12 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per method")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        default="auto",
+        help="torch CPU threads: a number, or 'auto' (default): torch's choice capped at the "
+        "number of idle cores (cores minus the 1-minute load average, at least 1), because "
+        "oversubscribed OpenMP threads spin and slow every operation down",
     )
     parser.add_argument("--_rss-child", dest="rss_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads))
     if args.rss_child:
         _measure_rss_child(args.rss_child)
         return 0
@@ -390,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
         f"device {device} ({dev_name or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, repeats {args.repeats} (median)"
+        f"{torch.get_num_threads()} threads (--threads {args.threads}, {os.cpu_count()} cores), "
+        f"repeats {args.repeats} (median)"
     )
     print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     methods, student, fgd = build_methods(device, compile_fgd=not args.no_compile)

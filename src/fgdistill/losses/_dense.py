@@ -221,12 +221,12 @@ def _backward_fused(
     if g_ctx_s is not None:
         pooled = (s * g_ctx_s[:, :, None]).sum(dim=1)
         g_ls = a_s * (pooled - (g_ctx_s * context_s).sum(dim=1, keepdim=True))
-        grad_ws = (s * g_ls[:, None, :]).sum(dim=(0, 2))
+        grad_ws = (s * g_ls[:, None, :]).sum(dim=2).sum(dim=0)  # per image first: fuses
         grad_bs = g_ls.sum().reshape(1)
     if g_ctx_t is not None:
         pooled_t = (t * g_ctx_t[:, :, None]).sum(dim=1)
         g_lt = a_t * (pooled_t - (g_ctx_t * context_t).sum(dim=1, keepdim=True))
-        grad_wt = (t * g_lt[:, None, :]).sum(dim=(0, 2))
+        grad_wt = (t * g_lt[:, None, :]).sum(dim=2).sum(dim=0)
         grad_bt = g_lt.sum().reshape(1)
     if not need_s:
         return None, grad_ws, grad_bs, grad_wt, grad_bt
