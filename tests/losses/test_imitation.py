@@ -41,3 +41,11 @@ def test_zero_weight_and_validation() -> None:
         loss(torch.randn(2, 4, 2, 2), torch.randn(2, 5, 2, 2), BOXES, (16, 16))
     with pytest.raises(ValueError, match="weight"):
         FeatureImitationLoss(4, 4, weight=-1.0)
+
+
+def test_non_finite_input_is_named() -> None:
+    loss = FeatureImitationLoss(4, 4, weight=1.0)
+    student = torch.randn(2, 4, 2, 2)
+    student[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="student contains NaN or Inf"):
+        loss(student, torch.randn(2, 4, 2, 2), BOXES, (16, 16))

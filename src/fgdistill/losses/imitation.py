@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgdistill.losses.fgd import check_loss_inputs
+from fgdistill.losses.fgd import check_finite_result, check_loss_inputs
 
 __all__ = ["FeatureImitationLoss"]
 
@@ -74,6 +74,9 @@ class FeatureImitationLoss(nn.Module):
 
         Returns:
             ``{"mse": 0-dim tensor}``, already weighted.
+
+        Raises:
+            ValueError: invalid shapes, or (CPU only) NaN or Inf in the maps.
         """
         check_loss_inputs(
             student, teacher, boxes, batch_shape, self.student_channels, self.teacher_channels
@@ -86,4 +89,5 @@ class FeatureImitationLoss(nn.Module):
             if self.align is not None:
                 s = self.align(s)
             loss = F.mse_loss(s, teacher.detach().to(dtype), reduction="sum") / student.shape[0]
+        check_finite_result([loss], student, teacher)
         return {"mse": self.weight * loss}
