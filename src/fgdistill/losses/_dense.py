@@ -11,9 +11,9 @@ Two implementations of the same function:
 * ``chunk > 0`` (eager, CPU and CUDA): each image is walked in blocks of ``chunk`` positions.
   Per block every reduction is a BLAS matrix-vector product on the block, and the temporaries
   (``|T|``, ``|S|``, ``(S - T)^2``, ``sign(S)``) live in one small scratch buffer that stays in
-  cache. Softmax-weighted sums over positions use the streaming ("online") softmax: a running
-  maximum and rescaled accumulators, so the forward reads each map from memory once and the
-  backward reads both once and writes the gradient once.
+  cache. The forward makes two sweeps per image (the second needs the softmaxes over all
+  positions that the first gathers), the backward one sweep that reads both maps and writes the
+  gradient; the gradient is the only feature-sized allocation. On CUDA a block is a whole image.
 * ``chunk == 0`` ("fused", used under ``torch.compile``): the same quantities as plain
   broadcast-and-reduce expressions over whole tensors, which inductor fuses into a few kernels.
 
