@@ -49,6 +49,12 @@ def test_demo_runs_every_stage_and_reuses_them(
     assert isinstance(results["fgd_beat_baseline"], bool)
     assert (work / "student.pt").exists() is False  # each run keeps its own folder
     assert (work / "fgd" / "student.pt").is_file() and (work / "teacher" / "model.pt").is_file()
+    # The report: table, conclusions, curves and one attention picture per validation image shown.
+    report = (work / "report.html").read_text()
+    assert "FGD beat the baseline" in report or "FGD did NOT beat the baseline" in report
+    assert (work / "curves.png").is_file()
+    assert len(list(work.glob("attention_*.png"))) == 2
+    assert report.count("<img") == 3
 
     # A second run reuses everything.
     mtime = (work / "teacher" / "model.pt").stat().st_mtime_ns

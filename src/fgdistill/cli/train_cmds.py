@@ -260,6 +260,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from fgdistill.engine.demo import METRICS as METRIC_COLUMNS
     from fgdistill.engine.demo import run_demo
 
     work_dir = args.work_dir or Path("work_dirs/demo")
@@ -275,5 +276,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     for line in summary.conclusions():
         print(line)
-    print(f"outputs in {work_dir}/ (table: {summary.results_file})")
+    from fgdistill.viz.demo_report import write_demo_report
+
+    rows = [
+        {"run": r.name, "model": r.model, **{m: r.metrics.get(m) for m in METRIC_COLUMNS}}
+        for r in summary.rows
+    ]
+    report = write_demo_report(work_dir, rows=rows, notes=summary.conclusions())
+    print(f"outputs in {work_dir}/ (table: {summary.results_file}; pictures: {report})")
     return 0

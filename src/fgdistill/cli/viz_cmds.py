@@ -8,19 +8,17 @@ of one or several work dirs (see :mod:`fgdistill.viz.curves`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
 from fgdistill.errors import DataError
 
-__all__ = ["load_gt_boxes", "register"]
+__all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,53 +111,6 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def load_gt_boxes(ann_file: str | Path, image_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Ground-truth boxes of the named images from a COCO annotation file.
-
-    Images are matched by file name (the base name of ``file_name`` in the annotation file);
-    crowd annotations are left out, as in training.
-
-    Args:
-        ann_file: COCO-format JSON with ``images`` and ``annotations``.
-        image_names: base names of the image files.
-
-    Returns:
-        ``{name: FloatTensor[K, 4]}`` xyxy in the image's pixels, for each name found (``K`` may
-        be 0); names not in the file are absent.
-
-    Raises:
-        DataError: the file is missing or is not a COCO annotation file.
-    """
-    path = Path(ann_file)
-    if not path.is_file():
-        raise DataError(f"annotation file {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"annotation file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"annotation file {path} has no 'images' list (not COCO format)")
-    wanted = set(image_names)
-    ids: dict[Any, str] = {}
-    for entry in data["images"]:
-        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
-            raise DataError(f"annotation file {path}: an image entry lacks 'id' or 'file_name'")
-        name = Path(str(entry["file_name"])).name
-        if name in wanted and name not in ids.values():
-            ids[entry["id"]] = name
-    boxes: dict[str, list[list[float]]] = {name: [] for name in ids.values()}
-    for ann in data.get("annotations", []) or []:
-        if not isinstance(ann, dict) or ann.get("image_id") not in ids or ann.get("iscrowd", 0):
-            continue
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise DataError(f"annotation file {path}: annotation {ann.get('id')} has a bad bbox")
-        x, y, w, h = (float(v) for v in bbox)
-        if w > 0 and h > 0:
-            boxes[ids[ann["image_id"]]].append([x, y, x + w, y + h])
-    return {name: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for name, b in boxes.items()}
-
-
 def _trained_temperature(checkpoint: Path) -> float | None:
     """The temperature the student was distilled with, from the config.yaml beside it."""
     from fgdistill.losses.multilevel import PRESETS
@@ -196,7 +147,12 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from fgdistill.engine.checkpoint import load_detector
     from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
     from fgdistill.models.build import model_spec
-    from fgdistill.viz.attention import extract_features, load_image, plot_attention
+    from fgdistill.viz.attention import (
+        extract_features,
+        load_gt_boxes,
+        load_image,
+        plot_attention,
+    )
     from fgdistill.viz.report import Figure, Table, write_report
 
     # Check every input before the (slow) model loading.
