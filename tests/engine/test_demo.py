@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,13 @@ def test_demo_runs_every_stage_and_reuses_them(
     again = capsys.readouterr().out
     assert again.count("(reused)") == 3
     assert (work / "teacher" / "model.pt").stat().st_mtime_ns == mtime
+
+    # A copied (or moved) work dir is reused as well.
+    moved = tmp_path / "moved"
+    shutil.copytree(work, moved)
+    moved_args = [a if a != str(work) else str(moved) for a in args]
+    assert main(moved_args) == 0
+    assert capsys.readouterr().out.count("(reused)") == 3
 
     # Changing the students' schedule reruns the students, not the data or the teacher.
     assert main([*args, "--set", "fgd.distill.fgd_weight_scale=0.2"]) == 0

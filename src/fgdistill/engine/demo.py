@@ -277,8 +277,13 @@ def run_demo(
             cfg.distill.teacher = copy.deepcopy(configs["teacher"].model)
             cfg.distill.teacher_checkpoint = str(work / "teacher" / "model.pt")
             upstream.append(fingerprints["teacher"])
+        # Paths inside the work dir are left out: the upstream fingerprints stand for them, so
+        # a moved or copied work dir is still reused.
         plain = config_to_dict(cfg)
         plain.pop("work_dir")
+        plain["data"].pop("root")
+        if plain.get("distill"):
+            plain["distill"].pop("teacher_checkpoint")
         fp = _fingerprint(plain, upstream)
         fingerprints[name] = fp
         folder = Path(cfg.work_dir)
