@@ -140,6 +140,8 @@ class DistillConfig:
     them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels`` defaults to the family's
     levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);
     ``fgd_warmup_iters`` ramps that multiplier linearly from 0 over the first iterations.
+    ``split_regions: false`` distils every pixel as one region weighted by ``beta`` (an ablation
+    of the paper's Table 1; FGD splits foreground and background).
     """
 
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -152,6 +154,7 @@ class DistillConfig:
     loss_type: str = "fgd"
     fgd_weight_scale: float = 1.0
     fgd_warmup_iters: int = 0
+    split_regions: bool = True
 
 
 @dataclass

@@ -255,6 +255,7 @@ def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> 
         hparams=hparams,
         inherit_teacher=dc.inherit_teacher,
         loss_type=dc.loss_type,
+        split_regions=dc.split_regions,
     )
     return distiller
 
@@ -618,7 +619,8 @@ def predict(
     Writes ``out_dir/results.json`` (COCO results format: ``image_id``, ``category_id``,
     ``bbox`` as xywh, ``score``; every detection the model returns), ``out_dir/images.json``
     (the COCO ``images`` entries: ids 1..N in the order given, file names, sizes) and one PNG per
-    image with the detections at or above ``score_threshold`` drawn.
+    image with the detections at or above ``score_threshold`` drawn (their masks too, for a
+    detector that predicts masks, such as Mask R-CNN).
 
     Raises:
         CheckpointError: missing, corrupt or unidentifiable checkpoint.
@@ -692,6 +694,7 @@ def predict(
             output["scores"],
             names=names,
             score_threshold=score_threshold,
+            masks=output.get("masks"),
         )
         drawn.save(out / name)
         drawings.append(out / name)

@@ -271,6 +271,9 @@ class Distiller(nn.Module):
         inherit_teacher: copy the teacher's FPN and head weights into the student where names
             and shapes match (see :attr:`inherit_report`), after every other initialisation.
         loss_type: ``"fgd"``, or ``"mse"`` for the plain feature-imitation baseline.
+        split_regions: ``True`` (FGD): foreground (inside the boxes) and background are weighted
+            apart, by ``alpha`` and ``beta``. ``False``: the ablation that distils every pixel as
+            one region, with the background weight ``beta`` (the loss sees no boxes).
         family: the student's detector family (a key of ``PRESETS``); default: from the student.
 
     Raises:
@@ -288,6 +291,7 @@ class Distiller(nn.Module):
         hparams: FGDHyperParams | Mapping[str, FGDHyperParams] | None = None,
         inherit_teacher: bool = False,
         loss_type: str = "fgd",
+        split_regions: bool = True,
         family: str | None = None,
     ) -> None:
         super().__init__()
@@ -343,6 +347,7 @@ class Distiller(nn.Module):
         except ValueError as exc:
             raise ConfigError(f"cannot build the FGD loss: {exc}") from exc
         self._fgd_weight_scale = 1.0
+        self.split_regions = bool(split_regions)
 
         reference = _first_tensor(student)
         if reference is not None:
@@ -513,8 +518,11 @@ class Distiller(nn.Module):
         if targets is None:
             raise ValueError("training a distiller needs targets")
         batch = self.forward_features(images, targets)
+        boxes = batch.boxes
+        if not self.split_regions:
+            boxes = [b[:0] for b in boxes]
         terms, _total = self.fgd(
-            batch.student_features, batch.teacher_features, batch.boxes, batch.batch_shape
+            batch.student_features, batch.teacher_features, boxes, batch.batch_shape
         )
         scale = self._fgd_weight_scale
         if scale != 1.0:

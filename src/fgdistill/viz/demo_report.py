@@ -27,15 +27,25 @@ def write_demo_report(
     notes: Sequence[str],
     num_images: int = 2,
     temperature: float = 0.5,
+    runs: Mapping[str, str | Path] | None = None,
+    curve_runs: Sequence[str | Path] | None = None,
+    title: str = "fgdistill demo: teacher, baseline student and FGD student",
+    table_title: str = "COCO box metrics on the validation split (percent)",
 ) -> Path:
-    """Write ``work_dir/report.html`` for a finished demo.
+    """Write ``work_dir/report.html`` for a finished demo (or quality benchmark).
 
     Args:
-        work_dir: the demo's work dir, holding ``teacher/``, ``baseline/``, ``fgd/`` and ``data/``.
+        work_dir: the work dir, holding ``data/`` and, by default, ``teacher/``, ``baseline/``
+            and ``fgd/``.
         rows: the results table, one dict per run (column name -> value).
-        notes: sentences shown above the table (the demo's conclusions).
+        notes: sentences shown above the table (the conclusions).
         num_images: how many validation images get an attention picture.
         temperature: the FGD temperature used for the attention maps.
+        runs: the run folders of ``teacher``, ``baseline`` and ``fgd`` (default: those names
+            under ``work_dir``).
+        curve_runs: run folders whose training curves are drawn (default: the three runs).
+        title: the page's title.
+        table_title: the caption of the table.
 
     Returns:
         The path of ``report.html``.
@@ -53,13 +63,15 @@ def write_demo_report(
 
     work = Path(work_dir)
     figures: list[Figure | str | Path] = []
-    runs = [work / name for name in ("teacher", "baseline", "fgd")]
-    plot_curves([r for r in runs if (r / "log.jsonl").is_file()], work / "curves.png")
+    folders = {name: work / name for name in ("teacher", "baseline", "fgd")}
+    folders.update({name: Path(path) for name, path in (runs or {}).items()})
+    curves = [Path(r) for r in curve_runs] if curve_runs is not None else list(folders.values())
+    plot_curves([r for r in curves if (r / "log.jsonl").is_file()], work / "curves.png")
     figures.append("curves.png")
 
-    teacher = load_detector(work / "teacher" / "model.pt")
-    student = load_detector(work / "fgd" / "student.pt")
-    baseline = load_detector(work / "baseline" / "model.pt")
+    teacher = load_detector(folders["teacher"] / "model.pt")
+    student = load_detector(folders["fgd"] / "student.pt")
+    baseline = load_detector(folders["baseline"] / "model.pt")
     arch = (model_spec(student) or {}).get("arch")
     ann = work / "data" / "annotations" / "instances_val.json"
     names = [
@@ -92,8 +104,8 @@ def write_demo_report(
         figures.append(out.name)
     return write_report(
         work,
-        title="fgdistill demo: teacher, baseline student and FGD student",
+        title=title,
         notes=list(notes),
-        tables=[Table("COCO box metrics on the validation split (percent)", list(rows))],
+        tables=[Table(table_title, list(rows))],
         images=figures,
     )

@@ -1,0 +1,138 @@
+"""Command ``bench quality``: the FGD ablation table on synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from fgdistill.cli.train_cmds import resolve_config_path
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench`` and its sub-commands to the top-level parser."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks", description="Benchmarks that train and measure detectors."
+    )
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    q = sub.add_parser(
+        "quality",
+        help="teacher, baseline, feature imitation and FGD ablations on synthetic data",
+        description=(
+            "Train a teacher once (cached), then the same student as baseline, with plain "
+            "feature imitation and with FGD's ablations, for each seed; write a table of COCO "
+            "metrics (mean and spread over seeds) and report.html. Re-runs reuse finished rows."
+        ),
+    )
+    q.add_argument(
+        "--config",
+        default="bench/quality",
+        help="benchmark YAML or packaged config name (default: bench/quality)",
+    )
+    q.add_argument("--quick", action="store_true", help="the config's small smoke-sized run")
+    q.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds")
+    q.add_argument("--rows", nargs="+", default=None, help="run only these rows (names)")
+    q.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also write the Markdown table here (and a .json beside it), e.g. docs/results.md; "
+        "text below the notes marker of an existing file is kept",
+    )
+    q.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
+    q.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="default: work_dirs/bench_quality (work_dirs/bench_quality_quick with --quick)",
+    )
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set families.retinanet.teacher.optim.epochs=24",
+    )
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    q.set_defaults(func=_cmd_quality)
+    bench.set_defaults(func=lambda args: _missing(bench))
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from fgdistill.engine.bench import METRICS, run_quality_bench
+
+    default = "work_dirs/bench_quality_quick" if args.quick else "work_dirs/bench_quality"
+    work = Path(args.work_dir or default)
+    data = run_quality_bench(
+        work,
+        config=resolve_config_path(args.config),
+        overrides=args.overrides,
+        quick=args.quick,
+        seeds=args.seeds,
+        rows=args.rows,
+        results_file=args.results,
+        progress=not args.no_progress,
+        say=lambda line: print(line, flush=True),
+    )
+    from fgdistill.engine.bench import render_markdown
+
+    print()
+    print(render_markdown(data).split("\n## Loss magnitudes")[0])
+    report = None
+    if not args.no_report:
+        report = _report(work, data, METRICS)
+    print(f"outputs in {work}/: results.json, results.md" + (f", {report.name}" if report else ""))
+    if args.results:
+        print(f"results also written to {args.results} and {args.results.with_suffix('.json')}")
+    return 0
+
+
+def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path | None:
+    from fgdistill.viz.demo_report import write_demo_report
+
+    rows = {r["name"]: r for r in data["rows"] if r["seeds"]}
+    if "baseline" not in rows or "fgd" not in rows or "retinanet" not in data["teachers"]:
+        return None
+    seed = rows["fgd"]["seeds"][0]
+    table: list[dict[str, object]] = []
+    for fam, t in data["teachers"].items():
+        table.append({"run": f"teacher ({fam})", "model": t["model"], **t["metrics"]})
+    for r in data["rows"]:
+        if not r["seeds"]:
+            continue
+        cells: dict[str, object] = {"run": r["name"], "model": r["model"]}
+        for m in metrics:
+            mean, std = r["metrics"][m]["mean"], r["metrics"][m]["std"]
+            cells[m] = (
+                "n/a"
+                if math.isnan(mean)
+                else f"{mean:.2f}"
+                if math.isnan(std)
+                else f"{mean:.2f} ± {std:.2f}"
+            )
+        cells["gain AP"] = r["gain_AP"]
+        table.append({k: v for k, v in cells.items() if k in ("run", "model", *metrics, "gain AP")})
+    seed_dir = work / f"seed{seed}"
+    curve_runs = [seed_dir / n for n in ("baseline", "imitation", "focal_split", "fgd")]
+    return write_demo_report(
+        work,
+        rows=table,
+        notes=data["conclusions"],
+        runs={
+            "teacher": work / "teacher_retinanet",
+            "baseline": seed_dir / "baseline",
+            "fgd": seed_dir / "fgd",
+        },
+        curve_runs=[r for r in curve_runs if r.is_dir()],
+        title="fgdistill quality benchmark: FGD ablations on synthetic data",
+        table_title="COCO box metrics, mean ± spread over seeds (percent)",
+    )

@@ -1,0 +1,166 @@
+"""``fgdistill bench quality`` on a tiny budget: rows, seeds, statistics, reuse and bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fgdistill.cli.main import main
+from fgdistill.engine.bench import NOTES_MARKER, load_bench_config, summarise
+from fgdistill.engine.stages import StageResult
+from fgdistill.errors import ConfigError
+
+PACKAGED = Path(__file__).resolve().parents[2] / "src/fgdistill/configs/bench/quality.yaml"
+
+TINY = [
+    "synth.num_train=8",
+    "synth.num_val=4",
+    "common.model.fpn_channels=32",
+    "common.model.head_norm=null",
+    "common.data.batch_size=4",
+    "common.log_interval=1",
+    "common.optim.warmup_iters=1",
+    "families.retinanet.teacher.model.backbone=resnet18",
+    "families.retinanet.teacher.optim.epochs=1",
+    "families.retinanet.teacher.optim.milestones=[]",
+    "families.retinanet.student.optim.epochs=1",
+    "families.retinanet.student.optim.milestones=[]",
+    "families.retinanet.distill.fgd_warmup_iters=1",
+]
+
+
+def test_packaged_config_has_the_issue_rows() -> None:
+    plan = load_bench_config(PACKAGED)
+    names = [r.name for r in plan.rows]
+    assert names[:8] == [
+        "baseline",
+        "imitation",
+        "fg_only",
+        "bg_only",
+        "fg_bg_joint",
+        "focal_split",
+        "fgd",
+        "fgd_no_inherit",
+    ]
+    assert "reppoints_fgd" in names and len(plan.seeds) >= 2
+    rows = {r.name: r.config for r in plan.rows}
+    assert rows["baseline"].distill is None
+    assert rows["imitation"].distill is not None and rows["imitation"].distill.loss_type == "mse"
+    assert rows["fg_only"].distill is not None and rows["fg_only"].distill.hparams["beta"] == 0
+    assert rows["fg_bg_joint"].distill is not None
+    assert rows["fg_bg_joint"].distill.split_regions is False
+    assert rows["fgd"].distill is not None and rows["fgd"].distill.inherit_teacher
+    assert rows["fgd_no_inherit"].distill is not None
+    assert not rows["fgd_no_inherit"].distill.inherit_teacher
+    assert rows["reppoints_fgd"].model.arch == "reppoints"
+    assert rows["r50_student_budget"].model.backbone == "resnet50"
+    # Students share one schedule; the teacher trains longer.
+    epochs = {r.config.optim.epochs for r in plan.rows}
+    assert len(epochs) == 1 and plan.teachers["retinanet"].optim.epochs > epochs.pop()
+    quick = load_bench_config(PACKAGED, quick=True)
+    assert quick.seeds == [0] and quick.synth.num_train < plan.synth.num_train
+    assert all(r.family == "retinanet" for r in quick.rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("synth: {}\nrowz: []\n", "unknown key 'rowz'; did you mean 'rows'?"),
+        (
+            "families: {retinanet: {}}\nrows: [{name: a, family: retina}]\n",
+            "rows[0] (a).family: unknown key 'retina'",
+        ),
+        ("families: {retinanet: {}}\nrows: [{name: a}, {name: a}]\n", "duplicate row name 'a'"),
+        (
+            "families: {retinanet: {}}\nrows: [{name: a, distil: {}}]\n",
+            "rows[0]: unknown key 'distil'; did you mean 'distill'?",
+        ),
+        (
+            "families: {retinanet: {}}\nrows: [{name: a, train: {optim: {lr: fast}}}]\n",
+            "rows[0] (a)",
+        ),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_bench_config(cfg)
+    assert message in str(err.value) and str(cfg) in str(err.value)
+
+
+def test_rows_selection_rejects_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="--rows: unknown key 'fdg'; did you mean 'fgd'"):
+        load_bench_config(PACKAGED, rows=["fdg"])
+
+
+def _result(name: str, ap: float, seed: int) -> StageResult:
+    return StageResult(name, "m", {"AP": ap, "AP50": 2 * ap}, 10.0 + seed, 5, False, f"/x/{seed}")
+
+
+def test_summary_statistics_gain_and_gap_share() -> None:
+    plan = load_bench_config(PACKAGED, rows=["baseline", "imitation", "fgd"], seeds=[0, 1])
+    teacher = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
+    results = {
+        "baseline": {0: _result("baseline", 2.0, 0), 1: _result("baseline", 4.0, 1)},
+        "imitation": {0: _result("imitation", 3.0, 0)},
+        "fgd": {0: _result("fgd", 6.0, 0), 1: _result("fgd", 8.0, 1)},
+    }
+    data = summarise(plan, {"retinanet": teacher}, results)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["baseline"]["metrics"]["AP"]["mean"] == pytest.approx(3.0)
+    assert rows["baseline"]["metrics"]["AP"]["std"] == pytest.approx(math.sqrt(2.0))
+    assert math.isnan(rows["imitation"]["metrics"]["AP"]["std"])  # one seed: spread unknown
+    assert math.isnan(rows["fgd"]["metrics"]["APl"]["mean"])  # missing metric stays missing
+    assert rows["fgd"]["gain_AP"] == pytest.approx(4.0)
+    assert rows["fgd"]["gap_share"] == pytest.approx(4.0 / 7.0)
+    assert rows["fgd"]["wall_time_s"] == pytest.approx(10.5)
+    assert data["baselines"] == {"retinanet": "baseline"}
+
+
+@pytest.mark.slow
+def test_bench_runs_rows_and_reuses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "bench"
+    results_md = tmp_path / "docs" / "results.md"
+    results_md.parent.mkdir()
+    results_md.write_text(f"old table\n{NOTES_MARKER}\nwhat we tried\n")
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress"]
+    args += ["--rows", "baseline", "fg_bg_joint", "fgd", "--seeds", "0", "1"]
+    args += ["--results", str(results_md)]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| teacher (retinanet) | retinanet resnet18 | 1 |" in out
+    assert "| fgd | retinanet resnet18 | 2 |" in out
+    for seed in (0, 1):
+        for row in ("baseline", "fg_bg_joint", "fgd"):
+            assert (work / f"seed{seed}" / row / "metrics.json").is_file()
+    data = json.loads((work / "results.json").read_text())
+    assert data["status"] == "complete" and data["seeds"] == [0, 1]
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    assert fgd["seeds"] == [0, 1] and set(fgd["per_seed"]) == {"0", "1"}
+    # Seeds really differ: two runs of one row are not the same run.
+    assert fgd["per_seed"]["0"] != fgd["per_seed"]["1"] or fgd["metrics"]["AP"]["mean"] == 0
+    # The joint row saw no boxes: its foreground term is exactly zero throughout.
+    joint_log = (work / "seed0" / "fg_bg_joint" / "log.jsonl").read_text().splitlines()
+    train = [json.loads(line) for line in joint_log if '"train"' in line]
+    assert train and all(rec["losses"]["fgd/p3/fg"] == 0 for rec in train)
+    assert any(rec["losses"]["fgd/p3/bg"] > 0 for rec in train)
+    assert "fgd" in data["loss_magnitudes"] and "baseline" not in data["loss_magnitudes"]
+    md = results_md.read_text()
+    assert md.startswith("# Quality benchmark") and md.rstrip().endswith("what we tried")
+    assert "old table" not in md
+    assert json.loads(results_md.with_suffix(".json").read_text())["status"] == "complete"
+    assert (work / "report.html").is_file() and (work / "curves.png").is_file()
+
+    mtime = (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("reusing") == 1 + 1 + 6  # data, teacher, 3 rows x 2 seeds
+    assert (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns == mtime
