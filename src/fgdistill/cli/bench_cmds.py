@@ -96,6 +96,13 @@ def _cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _two(value: float, *, sign: bool = False) -> str:
+    """``value`` with two decimals (``n/a`` for NaN), e.g. ``+0.66`` with ``sign``."""
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"
+
+
 def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path | None:
     from fgdistill.viz.demo_report import write_demo_report
 
@@ -105,7 +112,8 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
     seed = rows["fgd"]["seeds"][0]
     table: list[dict[str, object]] = []
     for fam, t in data["teachers"].items():
-        table.append({"run": f"teacher ({fam})", "model": t["model"], **t["metrics"]})
+        values = {m: _two(t["metrics"].get(m, math.nan)) for m in metrics}
+        table.append({"run": f"teacher ({fam})", "model": t["model"], **values, "gain AP": ""})
     for r in data["rows"]:
         if not r["seeds"]:
             continue
@@ -119,8 +127,8 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
                 if math.isnan(std)
                 else f"{mean:.2f} ± {std:.2f}"
             )
-        cells["gain AP"] = r["gain_AP"]
-        table.append({k: v for k, v in cells.items() if k in ("run", "model", *metrics, "gain AP")})
+        cells["gain AP"] = _two(r["gain_AP"], sign=True)
+        table.append(cells)
     seed_dir = work / f"seed{seed}"
     curve_runs = [seed_dir / n for n in ("baseline", "imitation", "focal_split", "fgd")]
     return write_demo_report(
