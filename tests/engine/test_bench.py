@@ -164,3 +164,14 @@ def test_bench_runs_rows_and_reuses_them(
     again = capsys.readouterr().out
     assert again.count("reusing") == 1 + 1 + 6  # data, teacher, 3 rows x 2 seeds
     assert (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns == mtime
+
+    # --report-only trains nothing: a row never run is left out, and the status says partial.
+    report_args = [*args, "--report-only", "--no-report"]
+    report_args[report_args.index("fgd")] = "focal_split"
+    assert main(report_args) == 0
+    partial = capsys.readouterr().out
+    assert "focal_split (retinanet resnet18): not finished" in partial
+    assert "| focal_split | retinanet resnet18 | 0 |" in partial
+    data = json.loads((work / "results.json").read_text())
+    assert data["status"].startswith("partial")
+    assert not (work / "seed0" / "focal_split").exists()

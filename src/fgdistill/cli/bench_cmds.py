@@ -44,6 +44,11 @@ def register(subparsers: Any) -> None:
     )
     q.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
     q.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the results of the runs already finished in the work dir",
+    )
+    q.add_argument(
         "--work-dir",
         type=Path,
         default=None,
@@ -82,6 +87,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         results_file=args.results,
         progress=not args.no_progress,
         say=lambda line: print(line, flush=True),
+        report_only=args.report_only,
     )
     from fgdistill.engine.bench import render_markdown
 

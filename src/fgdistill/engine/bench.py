@@ -451,8 +451,12 @@ def run_quality_bench(
     train_fn: Callable[..., Any] | None = None,
     say: Callable[[str], None] | None = None,
     command: str | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Train (or reuse) the teachers and every row for every seed; write the results.
+
+    With ``report_only`` nothing is trained: the results cover the finished runs only (e.g. of
+    several invocations with different ``--seeds`` or ``--rows`` that shared the work dir).
 
     Returns the summary written to ``work_dir/results.json``.
     """
@@ -466,7 +470,12 @@ def run_quality_bench(
     work.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(shlex.quote(a) for a in ["fgdistill", *sys.argv[1:]])
     data_dir = work / "data"
-    data_fp, _, _ = prepare_data(data_dir, plan.synth, progress=progress, say=tell)
+    if report_only:
+        from fgdistill.engine.stages import fingerprint
+
+        data_fp = fingerprint(asdict(plan.synth))
+    else:
+        data_fp, _, _ = prepare_data(data_dir, plan.synth, progress=progress, say=tell)
 
     teachers: dict[str, StageResult] = {}
     teacher_fps: dict[str, str] = {}
@@ -476,14 +485,17 @@ def run_quality_bench(
         cfg.name = f"teacher_{fam}"
         cfg.work_dir = str(work / cfg.name)
         point_at_data(cfg, data_dir)
-        teachers[fam], teacher_fps[fam] = run_stage(
+        result, teacher_fps[fam] = run_stage(
             cfg,
             upstream=[data_fp],
             train_fn=train_fn,
             progress=progress,
             say=tell,
             label=f"teacher {fam}",
+            reuse_only=report_only,
         )
+        if result is not None:
+            teachers[fam] = result
 
     results: dict[str, dict[int, StageResult]] = {r.name: {} for r in plan.rows}
     total = len(plan.rows) * len(plan.seeds)
@@ -502,20 +514,27 @@ def run_quality_bench(
                 cfg.distill.teacher = copy.deepcopy(plan.teachers[row.family].model)
                 cfg.distill.teacher_checkpoint = str(work / f"teacher_{row.family}" / "model.pt")
                 upstream.append(teacher_fps[row.family])
-            results[row.name][seed], _ = run_stage(
+            result, _ = run_stage(
                 cfg,
                 upstream=upstream,
                 train_fn=train_fn,
                 progress=progress,
                 say=tell,
                 label=f"[{done}/{total}] seed {seed} {row.name}",
+                reuse_only=report_only,
             )
+            if result is not None:
+                results[row.name][seed] = result
+            if report_only and done < total:
+                continue
             summary = _write_results(
                 work,
                 plan,
                 teachers,
                 results,
-                complete=done == total,
+                complete=done == total
+                and all(len(v) == len(plan.seeds) for v in results.values())
+                and len(teachers) == len(families),
                 wall=time.perf_counter() - start,
                 command=command,
                 results_file=results_file,

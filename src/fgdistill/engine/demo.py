@@ -193,6 +193,7 @@ def run_demo(
             say=tell,
             label=f"[{number}/5] {name}",
         )
+        assert result is not None  # only reuse_only runs leave a stage out
         rows.append(result)
 
     _say(say, "[5/5] evaluation: every run was evaluated on the validation split at its end")

@@ -166,7 +166,8 @@ def run_stage(
     progress: bool,
     say: Callable[[str], None],
     label: str,
-) -> tuple[StageResult, str]:
+    reuse_only: bool = False,
+) -> tuple[StageResult | None, str]:
     """Train ``cfg`` in ``cfg.work_dir``, or reuse / resume a run with the same fingerprint.
 
     Args:
@@ -175,9 +176,10 @@ def run_stage(
         upstream: fingerprints of the stages this one depends on (data, teacher).
         train_fn: :func:`fgdistill.engine.runner.train` or a stand-in with its signature.
         label: prefix of the lines passed to ``say``.
+        reuse_only: never train; a stage that is not finished gives ``None``.
 
     Returns:
-        ``(result, fingerprint)``.
+        ``(result, fingerprint)``; ``result`` is ``None`` only with ``reuse_only``.
     """
     plain = config_to_dict(cfg)
     plain.pop("work_dir")
@@ -203,6 +205,9 @@ def run_stage(
             work_dir=str(folder),
         )
         return result, fp
+    if reuse_only:
+        say(f"{desc}: not finished in {folder}; left out")
+        return None, fp
     resume = stage.get("fingerprint") == fp and (folder / "last.pt").is_file()
     if not resume and folder.exists():
         shutil.rmtree(folder)
