@@ -6,7 +6,10 @@ map size, the mean square of the teacher's and the student's features, each FGD 
 student's detection loss. It does this for a teacher with random weights and for trained
 teachers (checkpoints), so the effect of the teacher's training on the feature scale, and of
 each level, can be read off. The student is always a fresh random initialisation, as at the
-start of a distillation run without inheriting.
+start of a distillation run without inheriting. Each table is printed for the released code's
+raw features and for ``normalize="teacher_rms"`` (each level's maps divided by the teacher's root
+mean square), with the peak of the teacher's spatial attention (the largest softmax share of one
+position, averaged over the batch; 1.0 is one-hot).
 
 Run (after ``fgdistill bench quality`` has cached its teacher)::
 
@@ -29,7 +32,7 @@ import torch
 
 from fgdistill.data.coco import CocoDetection
 from fgdistill.engine.checkpoint import load_detector
-from fgdistill.losses import PRESETS
+from fgdistill.losses import NORMALIZE_MODES, PRESETS, spatial_attention
 from fgdistill.models import Distiller, build_detector
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -48,11 +51,14 @@ def _model(backbone: str, num_classes: int) -> torch.nn.Module:
     )
 
 
-def measure(teacher: torch.nn.Module, images: list, targets: list, num_classes: int) -> None:
+def measure(
+    teacher: torch.nn.Module, images: list, targets: list, num_classes: int, normalize: str
+) -> None:
     """Print one table: per level, feature scales and the unscaled FGD terms."""
     torch.manual_seed(0)
     student = _model("resnet18", num_classes).train()
-    distiller = Distiller(student, teacher, levels=LEVELS, hparams=PRESETS["retinanet"])
+    hparams = PRESETS["retinanet"]
+    distiller = Distiller(student, teacher, levels=LEVELS, hparams=hparams, normalize=normalize)
     distiller.train()
     with torch.no_grad():
         batch = distiller.forward_features(images, targets)
@@ -60,17 +66,23 @@ def measure(teacher: torch.nn.Module, images: list, targets: list, num_classes: 
             batch.student_features, batch.teacher_features, batch.boxes, batch.batch_shape
         )
     det = sum(float(v) for v in batch.losses.values())
-    print(f"  student detection loss (all terms): {det:.3f}")
-    print("  | level | map | teacher mean sq | student mean sq | fg | bg | attention | global |")
-    print("  |---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"  normalize={normalize!r}; student detection loss (all terms): {det:.3f}")
+    print(
+        "  | level | map | teacher mean sq | student mean sq | attention peak "
+        "| fg | bg | attention | global |"
+    )
+    print("  |---|---|---:|---:|---:|---:|---:|---:|---:|")
     for lv in LEVELS:
         t = batch.teacher_features[lv]
         s = batch.student_features[lv]
+        scaled = t / t.pow(2).mean().sqrt() if normalize == "teacher_rms" else t
+        att = spatial_attention(scaled, hparams.temperature)
+        peak = float((att.flatten(1).amax(dim=1) / att[0].numel()).mean())
         names = ("fg", "bg", "attention", "global")
         cells = [f"{float(terms[f'fgd/{lv}/{k}']):.4g}" for k in names]
         print(
             f"  | {lv} | {t.shape[-2]}x{t.shape[-1]} | {float(t.pow(2).mean()):.4g} | "
-            f"{float(s.pow(2).mean()):.4g} | " + " | ".join(cells) + " |"
+            f"{float(s.pow(2).mean()):.4g} | {peak:.3f} | " + " | ".join(cells) + " |"
         )
     total = sum(float(v) for v in terms.values())
     print(f"  FGD total {total:.4g} = {total / det:.3g} x the detection loss")
@@ -97,11 +109,12 @@ def main() -> None:
         f"{datetime.now(UTC).isoformat(timespec='seconds')}"
     )
     torch.manual_seed(1)
-    print("\nteacher: ResNet-50 RetinaNet with random weights")
-    measure(_model("resnet50", num_classes).eval(), images, targets, num_classes)
-    for path in args.teacher:
-        print(f"\nteacher: {path}")
-        measure(load_detector(path), images, targets, num_classes)
+    teachers = [("ResNet-50 RetinaNet with random weights", _model("resnet50", num_classes))]
+    teachers += [(str(path), load_detector(path)) for path in args.teacher]
+    for name, teacher in teachers:
+        for normalize in NORMALIZE_MODES:
+            print(f"\nteacher: {name}")
+            measure(teacher.eval(), images, targets, num_classes, normalize)
 
 
 if __name__ == "__main__":

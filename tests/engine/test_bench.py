@@ -61,6 +61,9 @@ def test_packaged_config_rows() -> None:
     assert rows["fg_only"].distill is not None and rows["fg_only"].distill.hparams["beta"] == 0
     assert rows["fg_bg_joint"].distill is not None
     assert rows["fg_bg_joint"].distill.split_regions is False
+    norm = rows["fgd_norm"].distill
+    assert norm is not None and norm.normalize == "teacher_rms" and norm.fgd_weight_scale == 1.0
+    assert rows["fgd"].distill.normalize == "none"  # type: ignore[union-attr]
     assert rows["fgd"].distill is not None and rows["fgd"].distill.inherit_teacher
     assert rows["fgd_no_inherit"].distill is not None
     assert not rows["fgd_no_inherit"].distill.inherit_teacher
@@ -149,7 +152,11 @@ def test_bench_runs_rows_and_reuses_them(
     assert "| fgd | retinanet resnet18 | 2 |" in out
     for seed in (0, 1):
         for row in ("baseline", "fg_bg_joint", "fgd"):
-            assert (work / f"seed{seed}" / row / "metrics.json").is_file()
+            folder = work / f"seed{seed}" / row
+            assert (folder / "metrics.json").is_file()
+            # A finished stage keeps its model, not its training checkpoints.
+            assert (folder / ("model.pt" if row == "baseline" else "student.pt")).is_file()
+            assert not (folder / "last.pt").exists() and not (folder / "best.pt").exists()
     data = json.loads((work / "results.json").read_text())
     assert data["status"] == "complete" and data["seeds"] == [0, 1]
     fgd = next(r for r in data["rows"] if r["name"] == "fgd")

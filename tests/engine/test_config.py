@@ -52,6 +52,10 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
         ({"model": {"anchor_sizes": "big"}}, r"model\.anchor_sizes: expected list\[int\] or null"),
         ({"distill": 3}, r"distill: expected mapping or null, got int 3"),
         ({"optim": {"optimizer": "rmsprop"}}, r"optim\.optimizer: expected one of sgd, adamw"),
+        (
+            {"distill": {"normalize": "bn"}},
+            r"distill\.normalize: expected one of none, teacher_rms",
+        ),
         ({"data": {"batch_size": 0}}, r"data\.batch_size: must be positive"),
         ({"optim": {"milestones": [22, 16]}}, r"optim\.milestones: must be increasing"),
     ],

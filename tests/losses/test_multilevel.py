@@ -90,6 +90,39 @@ def test_mse_baseline() -> None:
     torch.testing.assert_close(total, expected)
 
 
+@pytest.mark.parametrize("loss_type", ["fgd", "mse"])
+def test_teacher_rms_normalisation_removes_the_feature_scale(loss_type: str) -> None:
+    torch.manual_seed(0)
+    raw = MultiLevelFGD(LEVELS, 8, 8, PRESETS["retinanet"], loss_type=loss_type)
+    norm = MultiLevelFGD(LEVELS, 8, 8, PRESETS["retinanet"], loss_type=loss_type)
+    norm.load_state_dict(raw.state_dict())
+    assert norm.normalize == "none" and "normalize='none'" in repr(norm)
+    norm.normalize = "teacher_rms"
+    student, teacher = features(8, 1), features(8, 2)
+    big_s = {lv: 30.0 * x for lv, x in student.items()}
+    big_t = {lv: 30.0 * x for lv, x in teacher.items()}
+    small, _ = norm(student, teacher, BOXES, BATCH)
+    big, _ = norm(big_s, big_t, BOXES, BATCH)
+    # Normalised: the same terms whatever the common scale of both maps.
+    for name, value in small.items():
+        torch.testing.assert_close(big[name], value, rtol=1e-4, atol=1e-7)
+    # Raw (the released code): the squared-error terms grow with the square of the scale.
+    raw_small, _ = raw(student, teacher, BOXES, BATCH)
+    raw_big, _ = raw(big_s, big_t, BOXES, BATCH)
+    key = "fgd/p3/fg" if loss_type == "fgd" else "fgd/p3/mse"
+    assert raw_big[key] > 100 * raw_small[key]
+    # Normalised equals raw on the maps divided by the teacher's root mean square.
+    rms = {lv: t.pow(2).mean().sqrt() for lv, t in big_t.items()}
+    by_hand, _ = raw(
+        {lv: x / rms[lv] for lv, x in big_s.items()},
+        {lv: x / rms[lv] for lv, x in big_t.items()},
+        BOXES,
+        BATCH,
+    )
+    for name, value in by_hand.items():
+        torch.testing.assert_close(big[name], value)
+
+
 def test_missing_level_is_named() -> None:
     ml = MultiLevelFGD(LEVELS, 8, 8)
     student, teacher = features(8, 1), features(8, 2)
@@ -115,6 +148,7 @@ def test_level_errors_name_the_level() -> None:
         ((LEVELS, {"p3": 8}, 8), {}, r"student_channels has no entry for level\(s\) \['p4'\]"),
         ((LEVELS, 8, 8, {"p3": PRESETS["fcos"]}), {}, "hparams has no entry"),
         ((LEVELS, 8, 8), {"loss_type": "kd"}, "loss_type"),
+        ((LEVELS, 8, 8), {"normalize": "batchnorm"}, "normalize must be one of"),
         ((LEVELS, 8.0, 8), {}, "must be int"),
     ],
 )

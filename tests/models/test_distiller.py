@@ -285,6 +285,29 @@ def test_fgd_weight_scale_multiplies_the_terms() -> None:
         distiller.fgd_weight_scale = -1.0
 
 
+def test_teacher_rms_normalisation_reaches_the_loss() -> None:
+    raw = Distiller(detector("retinanet"), detector("retinanet", seed=1), levels=["p3"])
+    norm = Distiller(
+        detector("retinanet"), detector("retinanet", seed=1), levels=["p3"], normalize="teacher_rms"
+    )
+    norm.fgd.load_state_dict(raw.fgd.state_dict())
+    assert norm.fgd.normalize == "teacher_rms"
+    images, targets = batch()
+    batch_out = raw.forward_features(images, targets)
+    rms = batch_out.teacher_features["p3"].pow(2).mean().sqrt()
+    with torch.no_grad():
+        got = norm(images, targets)
+    assert got["fgd/p3/fg"] > 0
+    expected, _ = raw.fgd(
+        {"p3": batch_out.student_features["p3"].detach() / rms},
+        {"p3": batch_out.teacher_features["p3"] / rms},
+        batch_out.boxes,
+        batch_out.batch_shape,
+    )
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_inheriting_copies_neck_and_heads_and_leaves_the_backbone() -> None:
     student = detector("retinanet")
     teacher = detector("retinanet", seed=1, backbone="resnet34", num_classes=5)
@@ -344,6 +367,8 @@ def test_incompatible_pairs_are_clear_errors() -> None:
         Distiller(student, teacher, family="yolo")
     with pytest.raises(ConfigError, match="loss_type"):
         Distiller(student, teacher, loss_type="l1")
+    with pytest.raises(ConfigError, match="normalize must be one of"):
+        Distiller(student, teacher, levels=["p3"], normalize="layer")
     with pytest.raises(CompatibilityError, match=r"p4 \(student 16, teacher 32\)"):
         Distiller._check_pair(
             ("p3", "p4"),

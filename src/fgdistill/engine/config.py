@@ -141,7 +141,9 @@ class DistillConfig:
     levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);
     ``fgd_warmup_iters`` ramps that multiplier linearly from 0 over the first iterations.
     ``split_regions: false`` distils every pixel as one region weighted by ``beta`` (an ablation
-    of the paper's Table 1; FGD splits foreground and background).
+    of the paper's Table 1; FGD splits foreground and background). ``normalize: teacher_rms``
+    divides each level's maps by the root mean square of the teacher's map before the loss, so
+    the terms do not grow with the teacher's feature scale (``none``: the released code).
     """
 
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +157,7 @@ class DistillConfig:
     fgd_weight_scale: float = 1.0
     fgd_warmup_iters: int = 0
     split_regions: bool = True
+    normalize: str = "none"
 
 
 @dataclass
@@ -187,6 +190,7 @@ class TrainConfig:
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (OptimConfig, "optimizer"): ("sgd", "adamw"),
     (DistillConfig, "loss_type"): ("fgd", "mse"),
+    (DistillConfig, "normalize"): ("none", "teacher_rms"),
     (TrainConfig, "device"): ("auto", "cpu", "cuda"),
 }
 

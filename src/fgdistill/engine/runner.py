@@ -256,6 +256,7 @@ def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> 
         inherit_teacher=dc.inherit_teacher,
         loss_type=dc.loss_type,
         split_regions=dc.split_regions,
+        normalize=dc.normalize,
     )
     return distiller
 

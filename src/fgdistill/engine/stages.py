@@ -3,7 +3,10 @@
 A stage is one folder of a work dir: the synthetic data, or one training run. It writes
 ``stage.json`` with a fingerprint of its resolved settings and of the stages it depends on. A
 stage whose fingerprint matches and is marked complete is reused; one that was interrupted
-resumes from its ``last.pt``; one whose settings changed is run again from scratch. Paths inside
+resumes from its ``last.pt``; one whose settings changed is run again from scratch. A finished
+training stage keeps its trained model (``model.pt`` or ``student.pt``), metrics and logs; its
+training checkpoints (``last.pt``, ``best.pt``: weights with the optimizer's state, about 140 MB
+each for a ResNet-18 RetinaNet) are deleted, since nothing resumes a finished stage. Paths inside
 the work dir are left out of fingerprints (the upstream fingerprints stand for them), so a moved
 or copied work dir is still reused.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from fgdistill.engine.config import TrainConfig, config_to_dict
+
+#: Checkpoints a finished stage no longer needs (its model is in model.pt / student.pt).
+TRAINING_CHECKPOINTS: tuple[str, ...] = ("last.pt", "best.pt")
 
 __all__ = [
     "StageResult",
@@ -128,24 +135,34 @@ def prepare_data(
         f"{label}: generating {synth.num_train} + {synth.num_val} synthetic images "
         f"of {synth.image_size} px in {data_dir}"
     )
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
+    # Written beside data_dir and renamed into place, so that a second run started at the same
+    # time never reads a half-written dataset.
+    tmp_dir = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
     t0 = time.perf_counter()
     _with_file_progress(
         lambda: generate_synthetic(
-            data_dir,
+            tmp_dir,
             num_train=synth.num_train,
             num_val=synth.num_val,
             image_size=synth.image_size,
             seed=synth.seed,
             difficulty=synth.difficulty,
         ),
-        folders=[data_dir / "train", data_dir / "val"],
+        folders=[tmp_dir / "train", tmp_dir / "val"],
         total=synth.num_train + synth.num_val,
         enabled=progress,
     )
     wall = time.perf_counter() - t0
-    write_stage(data_dir, {"fingerprint": data_fp, "complete": True, "wall_time_s": round(wall, 2)})
+    write_stage(tmp_dir, {"fingerprint": data_fp, "complete": True, "wall_time_s": round(wall, 2)})
+    stage = read_stage(data_dir)
+    if stage.get("fingerprint") == data_fp and stage.get("complete") and ann_val.is_file():
+        shutil.rmtree(tmp_dir)  # another run finished the same data first
+        return data_fp, wall, True
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    tmp_dir.rename(data_dir)
     return data_fp, wall, False
 
 
@@ -222,6 +239,8 @@ def run_stage(
     wall = float(stage.get("wall_time_s", 0.0)) if resume else 0.0
     wall += time.perf_counter() - t0
     write_stage(folder, {"fingerprint": fp, "complete": True, "wall_time_s": round(wall, 2)})
+    for name in TRAINING_CHECKPOINTS:
+        (folder / name).unlink(missing_ok=True)
     result = StageResult(
         name=cfg.name,
         model=model,

@@ -4,10 +4,17 @@ from fgdistill.losses.attention import channel_attention, spatial_attention
 from fgdistill.losses.fgd import FGDLoss
 from fgdistill.losses.imitation import FeatureImitationLoss
 from fgdistill.losses.masks import fgd_masks
-from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS, FGDHyperParams, MultiLevelFGD
+from fgdistill.losses.multilevel import (
+    DEFAULT_LEVELS,
+    NORMALIZE_MODES,
+    PRESETS,
+    FGDHyperParams,
+    MultiLevelFGD,
+)
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "NORMALIZE_MODES",
     "PRESETS",
     "FGDHyperParams",
     "FGDLoss",

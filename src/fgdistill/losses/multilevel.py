@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fgdistill.losses.fgd import FGDLoss
 from fgdistill.losses.imitation import FeatureImitationLoss
 
-__all__ = ["DEFAULT_LEVELS", "PRESETS", "FGDHyperParams", "MultiLevelFGD"]
+__all__ = ["DEFAULT_LEVELS", "NORMALIZE_MODES", "PRESETS", "FGDHyperParams", "MultiLevelFGD"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
 
 LOSS_TYPES: tuple[str, ...] = ("fgd", "mse")
 
+#: How features are scaled before the loss: ``"none"`` as the released code; ``"teacher_rms"``
+#: divides both maps of a level by the root mean square of the teacher's map on the batch.
+NORMALIZE_MODES: tuple[str, ...] = ("none", "teacher_rms")
+
 
 def _per_level(name: str, value: object, levels: Sequence[str], kind: type) -> dict[str, object]:
     if isinstance(value, Mapping):
@@ -84,6 +88,10 @@ class MultiLevelFGD(nn.Module):
             (default: the RetinaNet preset).
         loss_type: ``"fgd"`` (:class:`FGDLoss`) or ``"mse"`` (:class:`FeatureImitationLoss`,
             weighted by each level's ``lambda_``), the baseline for ablations.
+        normalize: ``"none"`` (the released code) or ``"teacher_rms"``: both maps of a level are
+            divided by ``sqrt(mean(T**2))`` of the teacher's map on the batch (a detached
+            scalar) before the loss. The terms then no longer grow with the teacher's feature
+            scale, and the attention temperature acts on features of unit scale.
 
     ``losses`` is an ``nn.ModuleDict`` level -> loss module.
     """
@@ -96,6 +104,7 @@ class MultiLevelFGD(nn.Module):
         hparams: FGDHyperParams | Mapping[str, FGDHyperParams] = PRESETS["retinanet"],
         *,
         loss_type: str = "fgd",
+        normalize: str = "none",
     ) -> None:
         super().__init__()
         if isinstance(levels, str):
@@ -107,11 +116,14 @@ class MultiLevelFGD(nn.Module):
             raise ValueError(f"levels must be unique, got {levels}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
         s_ch = _per_level("student_channels", student_channels, levels, int)
         t_ch = _per_level("teacher_channels", teacher_channels, levels, int)
         hp = _per_level("hparams", hparams, levels, FGDHyperParams)
         self.levels = levels
         self.loss_type = loss_type
+        self.normalize = normalize
         self.hparams: dict[str, FGDHyperParams] = {lv: hp[lv] for lv in levels}  # type: ignore[misc]
         self.losses = nn.ModuleDict()
         for lv in levels:
@@ -163,11 +175,18 @@ class MultiLevelFGD(nn.Module):
                 )
         terms: dict[str, Tensor] = {}
         for lv in self.levels:
+            s_map, t_map = student[lv], teacher[lv].detach()
+            if self.normalize == "teacher_rms":
+                rms = t_map.float().pow(2).mean().sqrt().clamp_min(1e-6).to(t_map.dtype)
+                s_map, t_map = s_map / rms, t_map / rms
             try:
-                level_terms = self.losses[lv](student[lv], teacher[lv], boxes, batch_shape)
+                level_terms = self.losses[lv](s_map, t_map, boxes, batch_shape)
             except ValueError as err:
                 raise ValueError(f"level {lv}: {err}") from err
             for term, value in level_terms.items():
                 terms[f"fgd/{lv}/{term}"] = value
         total = torch.stack(list(terms.values())).sum()
         return terms, total
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.loss_type!r}, normalize={self.normalize!r}"

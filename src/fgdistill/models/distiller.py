@@ -274,12 +274,16 @@ class Distiller(nn.Module):
         split_regions: ``True`` (FGD): foreground (inside the boxes) and background are weighted
             apart, by ``alpha`` and ``beta``. ``False``: the ablation that distils every pixel as
             one region, with the background weight ``beta`` (the loss sees no boxes).
+        normalize: ``"none"`` (the released code) or ``"teacher_rms"``: each level's maps are
+            divided by the root mean square of the teacher's map before the loss, so that the
+            terms do not grow with the teacher's feature scale (see
+            :class:`~fgdistill.losses.MultiLevelFGD`).
         family: the student's detector family (a key of ``PRESETS``); default: from the student.
 
     Raises:
         CompatibilityError: the pair cannot be distilled (a level missing on either side,
             different strides, different input normalisation); the message names the levels.
-        ConfigError: bad ``levels``, ``hparams``, ``loss_type`` or ``family``.
+        ConfigError: bad ``levels``, ``hparams``, ``loss_type``, ``normalize`` or ``family``.
     """
 
     def __init__(
@@ -292,6 +296,7 @@ class Distiller(nn.Module):
         inherit_teacher: bool = False,
         loss_type: str = "fgd",
         split_regions: bool = True,
+        normalize: str = "none",
         family: str | None = None,
     ) -> None:
         super().__init__()
@@ -343,6 +348,7 @@ class Distiller(nn.Module):
                 {lvl: t_levels[lvl].channels for lvl in levels},
                 hparams,
                 loss_type=loss_type,
+                normalize=normalize,
             )
         except ValueError as exc:
             raise ConfigError(f"cannot build the FGD loss: {exc}") from exc
