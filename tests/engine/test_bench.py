@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fgdistill.cli.main import main
-from fgdistill.engine.bench import NOTES_MARKER, load_bench_config, summarise
+from fgdistill.engine.bench import NOTES_MARKER, conclusions, load_bench_config, summarise
 from fgdistill.engine.stages import StageResult
 from fgdistill.errors import ConfigError
 
@@ -136,6 +136,57 @@ def test_summary_statistics_gain_and_gap_share() -> None:
 
 
 @pytest.mark.slow
+def _row(name: str, family: str, ap: float, std: float, share: float) -> dict:
+    return {
+        "name": name,
+        "family": family,
+        "seeds": [0, 1],
+        "metrics": {"AP": {"mean": ap, "std": std}},
+        "gap_share": share,
+    }
+
+
+def test_conclusions_state_each_target() -> None:
+    rows = [
+        _row("baseline", "retinanet", 1.5, 0.1, 0.0),
+        _row("imitation", "retinanet", 1.6, 0.1, 0.03),
+        _row("fgd", "retinanet", 2.9, 0.1, 0.44),
+        _row("fgd_norm", "retinanet", 3.8, 0.1, 0.72),
+        _row("fg_only", "retinanet", 3.1, 0.1, 0.5),
+        _row("bg_only", "retinanet", 3.6, 0.1, 0.6),
+        _row("fg_bg_joint", "retinanet", 3.5, 0.1, 0.6),
+        _row("focal_split", "retinanet", 3.0, 0.1, 0.5),
+        _row("fg_only_norm", "retinanet", 3.7, 0.1, 0.7),
+        _row("bg_only_norm", "retinanet", 3.6, 0.1, 0.6),
+        _row("fg_bg_joint_norm", "retinanet", 3.5, 0.1, 0.6),
+        _row("focal_split_norm", "retinanet", 3.8, 0.1, 0.7),
+        _row("reppoints_baseline", "reppoints", 1.9, 0.1, 0.0),
+        _row("reppoints_fgd_norm", "reppoints", 4.2, 0.1, 0.41),
+    ]
+    data = {
+        "rows": rows,
+        "baselines": {"retinanet": "baseline", "reppoints": "reppoints_baseline"},
+        "teachers": {
+            "retinanet": {"metrics": {"AP": 4.6}},
+            "reppoints": {"metrics": {"AP": 7.5}},
+        },
+    }
+    text = "\n".join(conclusions(data))
+    assert (
+        "retinanet: teacher 4.60 vs baseline 1.50 AP: gap +3.10 (target >= 5 AP: NOT met)" in text
+    )
+    assert "reppoints: teacher 7.50 vs baseline 1.90 AP: gap +5.60 (target >= 5 AP: MET)" in text
+    assert "full FGD (fgd) beat plain feature imitation: 2.90 vs 1.60 AP." in text
+    assert "full FGD (fgd) closed 44% of the gap (target >= 50%: NOT met)." in text
+    assert "full FGD (fgd_norm) closed 72% of the gap (target >= 50%: MET)." in text
+    assert "full FGD (reppoints_fgd_norm) closed 41% of the gap (target >= 50%: NOT met)." in text
+    assert "reppoints_fgd_norm) beat" not in text  # no RepPoints imitation row to compare with
+    raw, norm = (line for line in text.splitlines() if line.startswith("Table 1"))
+    assert raw.endswith("NOT reproduced.") and "bg_only 3.60 > fg_bg_joint 3.50" in raw
+    assert norm.startswith("Table 1 ordering here: focal_split_norm 3.80 > fg_only_norm 3.70")
+    assert norm.endswith(": reproduced.")
+
+
 def test_bench_runs_rows_and_reuses_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
