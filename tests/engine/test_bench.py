@@ -152,6 +152,7 @@ def test_conclusions_state_each_target() -> None:
         _row("imitation", "retinanet", 1.6, 0.1, 0.03),
         _row("fgd", "retinanet", 2.9, 0.1, 0.44),
         _row("fgd_norm", "retinanet", 3.8, 0.1, 0.72),
+        _row("imitation_norm_inherit", "retinanet", 3.9, 0.1, 0.75),
         _row("fg_only", "retinanet", 3.1, 0.1, 0.5),
         _row("bg_only", "retinanet", 3.6, 0.1, 0.6),
         _row("fg_bg_joint", "retinanet", 3.5, 0.1, 0.6),
@@ -176,7 +177,13 @@ def test_conclusions_state_each_target() -> None:
         "retinanet: teacher 4.60 vs baseline 1.50 AP: gap +3.10 (target >= 5 AP: NOT met)" in text
     )
     assert "reppoints: teacher 7.50 vs baseline 1.90 AP: gap +5.60 (target >= 5 AP: MET)" in text
-    assert "full FGD (fgd) beat plain feature imitation: 2.90 vs 1.60 AP." in text
+    assert "full FGD (fgd) beat plain feature imitation (imitation): 2.90 vs 1.60 AP." in text
+    assert "(fgd_norm) beat plain feature imitation (imitation): 3.80 vs 1.60" in text
+    assert (
+        "full FGD (fgd_norm) did NOT beat plain feature imitation (imitation_norm_inherit): "
+        "3.80 vs 3.90 AP." in text
+    )
+    assert "(imitation_norm)" not in text  # a row that did not run is not compared
     assert "full FGD (fgd) closed 44% of the gap (target >= 50%: NOT met)." in text
     assert "full FGD (fgd_norm) closed 72% of the gap (target >= 50%: MET)." in text
     assert "full FGD (reppoints_fgd_norm) closed 41% of the gap (target >= 50%: NOT met)." in text
