@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from fgdistill.cli.main import main
-from fgdistill.engine.bench import NOTES_MARKER, conclusions, load_bench_config, summarise
+from fgdistill.engine.bench import (
+    NOTES_MARKER,
+    conclusions,
+    load_bench_config,
+    render_markdown,
+    summarise,
+)
 from fgdistill.engine.stages import StageResult
 from fgdistill.errors import ConfigError
 
@@ -96,6 +102,14 @@ def test_packaged_config_rows() -> None:
             "rows[0]: unknown key 'distil'; did you mean 'distill'?",
         ),
         (
+            "families: {retinanet: {}}\nrows: [{name: a}, {name: b, baseline: c}]\n",
+            "rows[1] (b).baseline: unknown key 'c'",
+        ),
+        (
+            "families: {retinanet: {}}\nrows: [{name: a, distill: {}}, {name: b, baseline: a}]\n",
+            "rows[1] (b).baseline: 'a' must be a row of family 'retinanet' without a distill",
+        ),
+        (
             "families: {retinanet: {}}\nrows: [{name: a, train: {optim: {lr: fast}}}]\n",
             "rows[0] (a)",
         ),
@@ -136,6 +150,41 @@ def test_summary_statistics_gain_and_gap_share() -> None:
     assert rows["fgd"]["gap_share"] == pytest.approx(4.0 / 7.0)
     assert rows["fgd"]["wall_time_s"] == pytest.approx(10.5)
     assert data["baselines"] == {"retinanet": "baseline"}
+
+
+def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
+    names = ["reppoints_baseline", "reppoints_baseline_long", "reppoints_fgd_norm_long"]
+    plan = load_bench_config(PACKAGED, rows=names, seeds=[0])
+    assert {r.name: r.baseline for r in plan.rows}["reppoints_fgd_norm_long"] == names[1]
+    teacher = StageResult("teacher", "t", {"AP": 8.0}, 100.0, 50, False, "/t")
+    results = {
+        name: {0: _result(name, ap, 0)} for name, ap in zip(names, (2.0, 4.0, 7.0), strict=True)
+    }
+    data = summarise(plan, {"reppoints": teacher}, results)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert data["baselines"] == {"reppoints": "reppoints_baseline"}
+    assert rows["reppoints_baseline_long"]["gain_AP"] == pytest.approx(2.0)  # vs the family's
+    assert rows["reppoints_fgd_norm_long"]["gain_AP"] == pytest.approx(3.0)
+    assert rows["reppoints_fgd_norm_long"]["gap_share"] == pytest.approx(3.0 / 4.0)
+    data["conclusions"] = conclusions(data)
+    text = "\n".join(data["conclusions"])
+    assert "teacher 8.00 vs baseline 2.00 AP: gap +6.00 (target >= 5 AP: MET)" in text
+    assert (
+        "vs baseline reppoints_baseline_long 4.00 AP: gap +4.00 (target >= 5 AP: NOT met)" in text
+    )
+    assert "reppoints_fgd_norm_long: 7.00 AP, +3.00 over reppoints_baseline_long, 75%" in text
+    assert "full FGD (reppoints_fgd_norm_long) closed 75% of the gap" in text
+    assert "measured against `reppoints_baseline_long`" in render_markdown(
+        {
+            **data,
+            "command": "c",
+            "machine": "m",
+            "date": "d",
+            "seeds": [0],
+            "status": "s",
+            "wall_time_s": 1.0,
+        }
+    )
 
 
 @pytest.mark.slow

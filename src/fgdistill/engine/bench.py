@@ -72,19 +72,31 @@ _SECTIONS: tuple[str, ...] = (
     "quick",
 )
 _FAMILY_KEYS: tuple[str, ...] = ("teacher", "student", "distill")
-_ROW_KEYS: tuple[str, ...] = ("name", "family", "description", "distill", "train")
+_ROW_KEYS: tuple[str, ...] = (
+    "name",
+    "family",
+    "description",
+    "distill",
+    "train",
+    "baseline",
+)
 #: Marker in the results Markdown: text below it is kept when the file is regenerated.
 NOTES_MARKER = "<!-- notes below this line are kept when the benchmark rewrites this file -->"
 
 
 @dataclass
 class BenchRow:
-    """One student row: its name, family and resolved training config (distill or not)."""
+    """One student row: its name, family and resolved training config (distill or not).
+
+    ``baseline`` names the row its gain is measured against (e.g. a baseline on the same longer
+    budget); ``None`` means the family's baseline.
+    """
 
     name: str
     family: str
     description: str
     config: TrainConfig
+    baseline: str | None = None
 
 
 @dataclass
@@ -119,7 +131,8 @@ def load_bench_config(
 
     Raises:
         ConfigError: naming the file and the key: an unknown section or key, a row of an
-            unknown family, a duplicate or unknown row name, or an invalid training config.
+            unknown family, a duplicate or unknown row name, a row's ``baseline`` that is not
+            an undistilled row of its family, or an invalid training config.
     """
     raw = read_yaml(path)
     try:
@@ -172,7 +185,29 @@ def load_bench_config(
                 cfg = config_from_dict(merged)
             except ConfigError as exc:
                 raise ConfigError(f"{where} ({name}): {exc}") from None
-            plan_rows.append(BenchRow(name, fam, str(row.get("description", "")), cfg))
+            base = row.get("baseline")
+            plan_rows.append(
+                BenchRow(
+                    name,
+                    fam,
+                    str(row.get("description", "")),
+                    cfg,
+                    None if base is None else str(base),
+                )
+            )
+        by_name = {r.name: r for r in plan_rows}
+        for index, bench_row in enumerate(plan_rows):
+            if bench_row.baseline is None:
+                continue
+            where = f"rows[{index}] ({bench_row.name}).baseline"
+            if bench_row.baseline not in by_name:
+                raise _unknown(bench_row.baseline, sorted(by_name), where)
+            other = by_name[bench_row.baseline]
+            if other.family != bench_row.family or other.config.distill is not None:
+                raise ConfigError(
+                    f"{where}: '{other.name}' must be a row of family '{bench_row.family}' "
+                    "without a distill section"
+                )
         skip = [str(n) for n in raw.get("skip_rows") or []]
         unknown_skip = [n for n in skip if n not in names]
         if unknown_skip:
@@ -235,7 +270,8 @@ def summarise(
     """Per-row mean and spread over seeds, gain over the family's baseline, share of the gap.
 
     ``results`` maps row name -> seed -> result (rows or seeds still missing are left out).
-    The baseline of a family is its first row without a ``distill`` section.
+    The baseline of a family is its first row without a ``distill`` section; a row with its
+    own ``baseline`` is measured against that row instead.
     """
     baselines: dict[str, str] = {}
     for row in plan.rows:
@@ -265,11 +301,12 @@ def summarise(
                 "work_dirs": [r.work_dir for _, r in sorted(per_seed.items())],
             }
         )
+    own = {row.name: row.baseline for row in plan.rows}
     for out in rows_out:
-        base = baselines.get(out["family"])
+        base = own[out["name"]] or baselines.get(out["family"])
         teacher = teachers.get(out["family"])
         ap = means[out["name"]]["AP"]
-        base_ap = means[base]["AP"] if base else float("nan")
+        base_ap = means[base]["AP"] if base in means else float("nan")
         t_ap = teacher.metrics.get("AP", float("nan")) if teacher else float("nan")
         gap = t_ap - base_ap
         out["baseline"] = base
@@ -340,7 +377,10 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         )
     lines += ["", "Rows:", ""]
     for row in data["rows"]:
-        lines.append(f"- `{row['name']}` ({row['family']}): {row['description']}")
+        against = ""
+        if row.get("baseline") not in (None, data["baselines"].get(row["family"])):
+            against = f" (gain and gap measured against `{row['baseline']}`)"
+        lines.append(f"- `{row['name']}` ({row['family']}): {row['description']}{against}")
     lines += ["", "## Conclusions (computed from the table)", ""]
     lines += [f"- {c}" for c in data["conclusions"]]
     mags = data.get("loss_magnitudes") or {}
@@ -372,6 +412,7 @@ FULL_FGD_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fgd_norm", ("imitation", "imitation_norm", "imitation_norm_inherit")),
     ("reppoints_fgd", ("reppoints_imitation",)),
     ("reppoints_fgd_norm", ("reppoints_imitation",)),
+    ("reppoints_fgd_norm_long", ()),
 )
 #: The paper's Table 1 rows (fg only, bg only, joint, split), raw and on normalised features.
 TABLE1_ROWS: tuple[tuple[str, str, str, str], ...] = (
@@ -394,16 +435,25 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
         if teacher is None or base not in rows:
             continue
         t_ap = teacher["metrics"].get("AP", float("nan"))
-        b_ap, b_std = ap(base)
-        gap = t_ap - b_ap
-        verdict = "MET" if gap >= 5 else "NOT met"
-        out.append(
-            f"{fam}: teacher {t_ap:.2f} vs baseline {b_ap:.2f} AP: gap {gap:+.2f} "
-            f"(target >= 5 AP: {verdict})."
-        )
-        for row in data["rows"]:
-            if row["family"] != fam or row["name"] == base or not row["seeds"]:
+        own_bases = [r.get("baseline") for r in data["rows"] if r["family"] == fam]
+        for name in dict.fromkeys([base, *own_bases]):
+            if name is None or name not in rows:
                 continue
+            b_ap, _ = ap(name)
+            gap = t_ap - b_ap
+            verdict = "MET" if gap >= 5 else "NOT met"
+            which = "baseline" if name == base else f"baseline {name}"
+            out.append(
+                f"{fam}: teacher {t_ap:.2f} vs {which} {b_ap:.2f} AP: gap {gap:+.2f} "
+                f"(target >= 5 AP: {verdict})."
+            )
+        for row in data["rows"]:
+            own = row.get("baseline") or base
+            if row["family"] != fam or row["name"] in (base, own) or not row["seeds"]:
+                continue
+            if own not in rows:
+                continue
+            b_ap, b_std = ap(own)
             r_ap, r_std = ap(row["name"])
             noise = max(v for v in (b_std, r_std, 0.0) if not math.isnan(v))
             beyond = (
@@ -415,8 +465,9 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             )
             share = row["gap_share"]
             share_text = "" if math.isnan(share) else f", {100 * share:.0f}% of the gap"
+            over = "the baseline" if own == base else own
             out.append(
-                f"{fam} {row['name']}: {r_ap:.2f} AP, {r_ap - b_ap:+.2f} over the baseline"
+                f"{fam} {row['name']}: {r_ap:.2f} AP, {r_ap - b_ap:+.2f} over {over}"
                 f"{share_text} ({beyond})."
             )
     teacher = data["teachers"].get("retinanet")
