@@ -410,6 +410,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
 FULL_FGD_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fgd", ("imitation",)),
     ("fgd_norm", ("imitation", "imitation_norm", "imitation_norm_inherit")),
+    ("fgd_norm_long", ()),
     ("reppoints_fgd", ("reppoints_imitation",)),
     ("reppoints_fgd_norm", ("reppoints_imitation",)),
     ("reppoints_fgd_norm_long", ()),
