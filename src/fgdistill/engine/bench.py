@@ -450,9 +450,8 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             )
         for row in data["rows"]:
             own = row.get("baseline") or base
-            if row["family"] != fam or row["name"] in (base, own) or not row["seeds"]:
-                continue
-            if own not in rows:
+            skip = row["family"] != fam or row["name"] in (base, own)
+            if skip or row["name"] not in rows or own not in rows:
                 continue
             b_ap, b_std = ap(own)
             r_ap, r_std = ap(row["name"])
