@@ -10,7 +10,9 @@ import pytest
 
 from fgdistill.cli.main import main
 from fgdistill.engine.bench import (
+    FULL_FGD_ROWS,
     NOTES_MARKER,
+    TABLE1_ROWS,
     conclusions,
     load_bench_config,
     render_markdown,
@@ -86,6 +88,17 @@ def test_packaged_config_rows() -> None:
     assert all(r.family == "retinanet" for r in quick.rows)
     # The issue's eight rows, nothing more: --quick was measured at 14m29s with these.
     assert [r.name for r in quick.rows] == ISSUE_ROWS
+
+
+def test_conclusion_tables_name_packaged_rows_of_one_family_and_budget() -> None:
+    plan = load_bench_config(PACKAGED)
+    rows = {r.name: r for r in plan.rows}
+    groups = [(full, *imitations) for full, imitations in FULL_FGD_ROWS]
+    for group in [*groups, *TABLE1_ROWS]:
+        assert all(name in rows for name in group), group
+        assert len({rows[n].family for n in group}) == 1, group
+        assert len({rows[n].config.optim.epochs for n in group}) == 1, group
+        assert len({rows[n].baseline for n in group}) == 1, group
 
 
 @pytest.mark.parametrize(
