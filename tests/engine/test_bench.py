@@ -10,9 +10,7 @@ import pytest
 
 from fgdistill.cli.main import main
 from fgdistill.engine.bench import (
-    FULL_FGD_ROWS,
     NOTES_MARKER,
-    TABLE1_ROWS,
     conclusions,
     load_bench_config,
     render_markdown,
@@ -40,65 +38,171 @@ TINY = [
 ]
 
 
-ISSUE_ROWS = [
-    "baseline",
-    "imitation",
-    "fg_only",
-    "bg_only",
-    "fg_bg_joint",
-    "focal_split",
-    "fgd",
-    "fgd_no_inherit",
-]
+#: The issue's eight rows (baseline, plain imitation, fg only, bg only, fg and bg as one region,
+#: split, full FGD, full FGD without inheriting), as the table names them for each family.
+ISSUE_ROWS = {
+    "retinanet": [
+        "baseline",
+        "imitation_norm",
+        "fg_only_norm",
+        "bg_only_norm",
+        "fg_bg_joint_norm",
+        "focal_split_norm",
+        "fgd_norm",
+        "fgd_norm_no_inherit",
+    ],
+    "reppoints": [
+        "reppoints_baseline_long",
+        "reppoints_imitation_norm_long",
+        "reppoints_fg_only_norm_long",
+        "reppoints_bg_only_norm_long",
+        "reppoints_fg_bg_joint_norm_long",
+        "reppoints_focal_split_norm_long",
+        "reppoints_fgd_norm_long",
+        "reppoints_fgd_norm_no_inherit_long",
+    ],
+}
 
 
-def test_packaged_config_has_the_issue_rows() -> None:
+def test_packaged_table_has_the_issue_rows_for_each_family() -> None:
     plan = load_bench_config(PACKAGED)
-    names = [r.name for r in plan.rows]
-    issue_rows = [n for n in names if n in ISSUE_ROWS]
-    assert issue_rows == ISSUE_ROWS
+    assert not any(r.diagnostic for r in plan.rows)
+    for family, wanted in ISSUE_ROWS.items():
+        names = [r.name for r in plan.rows if r.family == family]
+        assert [n for n in names if n in wanted] == wanted
+        rows = {r.name: r for r in plan.rows}
+        # One budget and one baseline per family's table.
+        assert len({rows[n].config.optim.epochs for n in names}) == 1, family
+        assert {rows[n].baseline or plan.baselines[family] for n in names} == {wanted[0]}
+    rows = {r.name: r.config for r in plan.rows}
+    for family, (base, imitation, fg, bg, joint, split, full, no_inherit) in ISSUE_ROWS.items():
+        assert rows[base].distill is None, family
+        assert rows[imitation].distill is not None and rows[imitation].distill.loss_type == "mse"
+        assert not rows[imitation].distill.inherit_teacher
+        assert rows[fg].distill is not None and rows[fg].distill.hparams["beta"] == 0
+        assert rows[bg].distill is not None and rows[bg].distill.hparams["alpha"] == 0
+        assert rows[joint].distill is not None and rows[joint].distill.split_regions is False
+        assert rows[split].distill is not None and rows[split].distill.hparams["lambda_"] == 0
+        assert rows[full].distill is not None and rows[full].distill.inherit_teacher
+        assert rows[no_inherit].distill is not None and not rows[no_inherit].distill.inherit_teacher
 
 
 def test_packaged_config_rows() -> None:
-    plan = load_bench_config(PACKAGED)
+    plan = load_bench_config(PACKAGED, diagnostics=True)
     names = [r.name for r in plan.rows]
     assert "reppoints_fgd" in names and len(plan.seeds) >= 2
     rows = {r.name: r.config for r in plan.rows}
-    assert rows["baseline"].distill is None
-    assert rows["imitation"].distill is not None and rows["imitation"].distill.loss_type == "mse"
-    assert rows["fg_only"].distill is not None and rows["fg_only"].distill.hparams["beta"] == 0
-    assert rows["fg_bg_joint"].distill is not None
-    assert rows["fg_bg_joint"].distill.split_regions is False
     norm = rows["fgd_norm"].distill
     assert norm is not None and norm.normalize == "teacher_rms" and norm.fgd_weight_scale == 1.0
     assert rows["fgd"].distill.normalize == "none"  # type: ignore[union-attr]
-    assert rows["fgd"].distill is not None and rows["fgd"].distill.inherit_teacher
-    assert rows["fgd_no_inherit"].distill is not None
-    assert not rows["fgd_no_inherit"].distill.inherit_teacher
     assert rows["reppoints_fgd"].model.arch == "reppoints"
     assert rows["r50_student_budget"].model.backbone == "resnet50"
-    # Students share one schedule (but the rows named *_long, which double it); the teacher
-    # trains longer.
-    epochs = {r.config.optim.epochs for r in plan.rows if not r.name.endswith("_long")}
-    assert len(epochs) == 1 and plan.teachers["retinanet"].optim.epochs > (budget := epochs.pop())
-    longer = {r.config.optim.epochs for r in plan.rows if r.name.endswith("_long")}
-    assert longer == {2 * budget}
+    # Students share one schedule, but the rows named *_long double it and *_8ep quadruple it;
+    # the teachers train longer than any.
+    budget = {r.config.optim.epochs for r in plan.rows if not r.name.endswith(("_long", "_8ep"))}
+    assert len(budget) == 1
+    epochs = budget.pop()
+    assert {r.config.optim.epochs for r in plan.rows if r.name.endswith("_long")} == {2 * epochs}
+    assert {r.config.optim.epochs for r in plan.rows if r.name.endswith("_8ep")} == {4 * epochs}
+    assert min(t.optim.epochs for t in plan.teachers.values()) > 4 * epochs
+    # The table alone is a subset; diagnostics run only when asked for.
+    table = load_bench_config(PACKAGED).rows
+    assert 0 < len(table) < len(plan.rows) and all(r.name in names for r in table)
     quick = load_bench_config(PACKAGED, quick=True)
     assert quick.seeds == [0] and quick.synth.num_train < plan.synth.num_train
-    assert all(r.family == "retinanet" for r in quick.rows)
-    # The issue's eight rows, nothing more: --quick was measured at 14m29s with these.
-    assert [r.name for r in quick.rows] == ISSUE_ROWS
+    # The issue's eight RetinaNet rows, nothing more.
+    assert [r.name for r in quick.rows] == ISSUE_ROWS["retinanet"]
 
 
-def test_conclusion_tables_name_packaged_rows_of_one_family_and_budget() -> None:
-    plan = load_bench_config(PACKAGED)
-    rows = {r.name: r for r in plan.rows}
-    groups = [(full, *imitations) for full, imitations in FULL_FGD_ROWS]
-    for group in [*groups, *TABLE1_ROWS]:
-        assert all(name in rows for name in group), group
-        assert len({rows[n].family for n in group}) == 1, group
-        assert len({rows[n].config.optim.epochs for n in group}) == 1, group
-        assert len({rows[n].baseline for n in group}) == 1, group
+def test_packaged_comparisons_name_known_rows() -> None:
+    compare = load_bench_config(PACKAGED).compare
+    assert compare.full_fgd[0] == ("fgd_norm", ("imitation_norm", "imitation_norm_inherit"))
+    assert compare.table1[1][:2] == ("reppoints_fg_only_norm_long", "reppoints_bg_only_norm_long")
+    assert compare.model_size == ["r50_student_budget"]
+
+
+_FAMILY = "families: {retinanet: {}}\n"
+_TWO_BUDGETS = (
+    "rows: [{name: a}, {name: b, distill: {}}, {name: c, train: {optim: {epochs: 3}}},"
+    " {name: d, baseline: c, distill: {}}]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {fulL_fgd: []}\n",
+            "compare: unknown key 'fulL_fgd'; did you mean 'full_fgd'?",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {full_fgd: [{row: fdg}]}\n",
+            "compare.full_fgd[0]: unknown key 'fdg'",
+        ),
+        (
+            _FAMILY + _TWO_BUDGETS + "compare: {full_fgd: [{row: b, imitation: [d]}]}\n",
+            "compare.full_fgd[0]: rows ['b', 'd'] differ in family or baseline",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {table1: [{fg_only: a, bg_only: a}]}\n",
+            "compare.table1[0]: expected the keys fg_only, bg_only, joint, split",
+        ),
+        (
+            _FAMILY + _TWO_BUDGETS + "compare: {model_size: [b]}\n",
+            "compare.model_size[0]: 'b' must be a row without a distill section",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ndiagnostics: [{name: a}]\n",
+            "diagnostics[0]: duplicate row name 'a'",
+        ),
+    ],
+)
+def test_bad_comparisons_name_the_group(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_bench_config(cfg)
+    assert message in str(err.value)
+
+
+def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "x-anchors: {d: &d {inherit_teacher: false}}\n"
+        + _FAMILY
+        + "rows: [{name: a}, {name: b, distill: *d}]\n"
+        + "diagnostics: [{name: c, distill: {}}]\n"
+    )
+    assert [r.name for r in load_bench_config(cfg).rows] == ["a", "b"]
+    plan = load_bench_config(cfg, diagnostics=True)
+    assert [(r.name, r.diagnostic) for r in plan.rows] == [("a", 0), ("b", 0), ("c", 1)]
+    assert plan.rows[1].config.distill is not None
+    assert not plan.rows[1].config.distill.inherit_teacher  # the anchor was read
+    assert [r.name for r in load_bench_config(cfg, rows=["c"]).rows] == ["c"]
+    # A diagnostic row is reported once it has a result, in a table of its own.
+    teacher = StageResult("teacher", "t", {"AP": 9.0}, 1.0, 5, False, "/t")
+    empty = summarise(plan, {"retinanet": teacher}, {"a": {0: _result("a", 1.0, 0)}})
+    assert [r["name"] for r in empty["rows"]] == ["a", "b"]
+    data = summarise(
+        plan,
+        {"retinanet": teacher},
+        {"a": {0: _result("a", 1.0, 0)}, "c": {0: _result("c", 3.0, 0)}},
+    )
+    assert [r["name"] for r in data["rows"]] == ["a", "b", "c"]
+    text = render_markdown({**data, **_RUN_INFO, "conclusions": []})
+    table, diagnostics = text.split("Diagnostic rows")
+    assert "| b |" in table and "| c |" not in table
+    assert "| c | retinanet resnet50 | 1 | 3.00" in diagnostics
+
+
+_RUN_INFO = {
+    "command": "c",
+    "machine": "m",
+    "date": "d",
+    "seeds": [0],
+    "status": "s",
+    "wall_time_s": 1.0,
+}
 
 
 @pytest.mark.parametrize(
@@ -116,11 +220,11 @@ def test_conclusion_tables_name_packaged_rows_of_one_family_and_budget() -> None
         ),
         (
             "families: {retinanet: {}}\nrows: [{name: a}, {name: b, baseline: c}]\n",
-            "rows[1] (b).baseline: unknown key 'c'",
+            "row b: baseline: unknown key 'c'",
         ),
         (
             "families: {retinanet: {}}\nrows: [{name: a, distill: {}}, {name: b, baseline: a}]\n",
-            "rows[1] (b).baseline: 'a' must be a row of family 'retinanet' without a distill",
+            "row b: baseline: 'a' must be a row of family 'retinanet' without a distill",
         ),
         (
             "families: {retinanet: {}}\nrows: [{name: a, train: {optim: {lr: fast}}}]\n",
@@ -166,41 +270,31 @@ def test_summary_statistics_gain_and_gap_share() -> None:
 
 
 def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
-    names = ["reppoints_baseline", "reppoints_baseline_long", "reppoints_fgd_norm_long"]
+    names = ["baseline", "baseline_long", "fgd_norm_long"]
     plan = load_bench_config(PACKAGED, rows=names, seeds=[0])
-    assert {r.name: r.baseline for r in plan.rows}["reppoints_fgd_norm_long"] == names[1]
+    assert {r.name: r.baseline for r in plan.rows}["fgd_norm_long"] == names[1]
     teacher = StageResult("teacher", "t", {"AP": 8.0}, 100.0, 50, False, "/t")
     results = {
         name: {0: _result(name, ap, 0)} for name, ap in zip(names, (2.0, 4.0, 7.0), strict=True)
     }
-    data = summarise(plan, {"reppoints": teacher}, results)
+    data = summarise(plan, {"retinanet": teacher}, results)
     rows = {r["name"]: r for r in data["rows"]}
-    assert data["baselines"] == {"reppoints": "reppoints_baseline"}
-    assert rows["reppoints_baseline_long"]["gain_AP"] == pytest.approx(2.0)  # vs the family's
-    assert rows["reppoints_fgd_norm_long"]["gain_AP"] == pytest.approx(3.0)
-    assert rows["reppoints_fgd_norm_long"]["gap_share"] == pytest.approx(3.0 / 4.0)
+    assert data["baselines"] == {"retinanet": "baseline"}
+    assert rows["baseline_long"]["gain_AP"] == pytest.approx(2.0)  # vs the family's
+    assert rows["fgd_norm_long"]["gain_AP"] == pytest.approx(3.0)
+    assert rows["fgd_norm_long"]["gap_share"] == pytest.approx(3.0 / 4.0)
     data["conclusions"] = conclusions(data)
     text = "\n".join(data["conclusions"])
     assert "teacher 8.00 vs baseline 2.00 AP: gap +6.00 (target >= 5 AP: MET)" in text
+    assert "vs baseline baseline_long 4.00 AP: gap +4.00 (target >= 5 AP: NOT met)" in text
+    assert "fgd_norm_long: 7.00 AP, +3.00 over baseline_long, 75%" in text
     assert (
-        "vs baseline reppoints_baseline_long 4.00 AP: gap +4.00 (target >= 5 AP: NOT met)" in text
+        "full FGD (fgd_norm_long) closed 75% of the 4.00 AP gap (target >= 50%: MET; this gap "
+        "is under the 5 AP target)." in text
     )
-    assert "reppoints_fgd_norm_long: 7.00 AP, +3.00 over reppoints_baseline_long, 75%" in text
-    assert "full FGD (reppoints_fgd_norm_long) closed 75% of the gap" in text
-    assert "measured against `reppoints_baseline_long`" in render_markdown(
-        {
-            **data,
-            "command": "c",
-            "machine": "m",
-            "date": "d",
-            "seeds": [0],
-            "status": "s",
-            "wall_time_s": 1.0,
-        }
-    )
+    assert "measured against `baseline_long`" in render_markdown({**data, **_RUN_INFO})
 
 
-@pytest.mark.slow
 def _row(name: str, family: str, ap: float, std: float, share: float) -> dict:
     return {
         "name": name,
@@ -229,8 +323,22 @@ def test_conclusions_state_each_target() -> None:
         _row("reppoints_baseline", "reppoints", 1.9, 0.1, 0.0),
         _row("reppoints_fgd_norm", "reppoints", 4.2, 0.1, 0.41),
     ]
+    table1 = [
+        ["fg_only", "bg_only", "fg_bg_joint", "focal_split"],
+        ["fg_only_norm", "bg_only_norm", "fg_bg_joint_norm", "focal_split_norm"],
+    ]
+    compare = {
+        "full_fgd": [
+            ["fgd", ["imitation"]],
+            ["fgd_norm", ["imitation", "imitation_norm", "imitation_norm_inherit"]],
+            ["reppoints_fgd_norm", ["reppoints_imitation"]],
+        ],
+        "table1": table1,
+        "model_size": [],
+    }
     data = {
         "rows": rows,
+        "compare": compare,
         "baselines": {"retinanet": "baseline", "reppoints": "reppoints_baseline"},
         "teachers": {
             "retinanet": {"metrics": {"AP": 4.6}},
@@ -249,9 +357,12 @@ def test_conclusions_state_each_target() -> None:
         "3.80 vs 3.90 AP." in text
     )
     assert "(imitation_norm)" not in text  # a row that did not run is not compared
-    assert "full FGD (fgd) closed 44% of the gap (target >= 50%: NOT met)." in text
-    assert "full FGD (fgd_norm) closed 72% of the gap (target >= 50%: MET)." in text
-    assert "full FGD (reppoints_fgd_norm) closed 41% of the gap (target >= 50%: NOT met)." in text
+    assert "full FGD (fgd) closed 44% of the 3.10 AP gap (target >= 50%: NOT met; this" in text
+    assert "full FGD (fgd_norm) closed 72% of the 3.10 AP gap (target >= 50%: MET; this" in text
+    assert (
+        "full FGD (reppoints_fgd_norm) closed 41% of the 5.60 AP gap (target >= 50%: NOT met)."
+        in text
+    )
     assert "reppoints_fgd_norm) beat" not in text  # no RepPoints imitation row to compare with
     raw, norm = (line for line in text.splitlines() if line.startswith("Table 1"))
     assert raw.endswith("NOT reproduced.") and "bg_only 3.60 > fg_bg_joint 3.50" in raw
@@ -306,13 +417,17 @@ def test_bench_runs_rows_and_reuses_them(
     assert again.count("reusing") == 1 + 1 + 6  # data, teacher, 3 rows x 2 seeds
     assert (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns == mtime
 
-    # --report-only trains nothing: a row never run is left out, and the status says partial.
+    # --report-only trains nothing: a table row never run shows 0 seeds, a diagnostic row never
+    # run is left out, and the status says partial.
     report_args = [*args, "--report-only", "--no-report"]
-    report_args[report_args.index("fgd")] = "focal_split"
+    report_args[report_args.index("fgd")] = "fgd_norm"
+    report_args.insert(report_args.index("fgd_norm"), "focal_split")
     assert main(report_args) == 0
     partial = capsys.readouterr().out
-    assert "focal_split (retinanet resnet18): not finished" in partial
-    assert "| focal_split | retinanet resnet18 | 0 |" in partial
+    assert "fgd_norm (retinanet resnet18): not finished" in partial
+    assert "| fgd_norm | retinanet resnet18 | 0 |" in partial
+    assert "| fg_bg_joint | retinanet resnet18 | 2 |" in partial
+    assert "| focal_split |" not in partial
     data = json.loads((work / "results.json").read_text())
     assert data["status"].startswith("partial")
-    assert not (work / "seed0" / "focal_split").exists()
+    assert not (work / "seed0" / "fgd_norm").exists()

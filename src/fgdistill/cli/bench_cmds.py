@@ -34,7 +34,17 @@ def register(subparsers: Any) -> None:
     )
     q.add_argument("--quick", action="store_true", help="the config's small smoke-sized run")
     q.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds")
-    q.add_argument("--rows", nargs="+", default=None, help="run only these rows (names)")
+    q.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="run only these rows (names, from the table or the diagnostics)",
+    )
+    q.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also run the config's diagnostic rows (off: only the table's rows)",
+    )
     q.add_argument(
         "--results",
         type=Path,
@@ -88,6 +98,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         say=lambda line: print(line, flush=True),
         report_only=args.report_only,
+        diagnostics=args.diagnostics,
     )
     from fgdistill.engine.bench import render_markdown
 
@@ -113,9 +124,21 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
     from fgdistill.viz.demo_report import write_demo_report
 
     rows = {r["name"]: r for r in data["rows"] if r["seeds"]}
-    if "baseline" not in rows or "fgd" not in rows or "retinanet" not in data["teachers"]:
+    compare = data.get("compare") or {}
+    # The pictures follow the first full-FGD row of the config's comparisons that has results.
+    picked = [
+        (full, list(imitations))
+        for full, imitations in compare.get("full_fgd", [])
+        if full in rows
+        and rows[full]["baseline"] in rows
+        and rows[full]["family"] in data["teachers"]
+    ]
+    if not picked:
         return None
-    seed = rows["fgd"]["seeds"][0]
+    full, imitations = picked[0]
+    family, base = rows[full]["family"], rows[full]["baseline"]
+    split = [t[3] for t in compare.get("table1", []) if rows.get(t[3], {}).get("baseline") == base]
+    seed = rows[full]["seeds"][0]
     table: list[dict[str, object]] = []
     for fam, t in data["teachers"].items():
         values = {m: _two(t["metrics"].get(m, math.nan)) for m in metrics}
@@ -136,15 +159,15 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
         cells["gain AP"] = _two(r["gain_AP"], sign=True)
         table.append(cells)
     seed_dir = work / f"seed{seed}"
-    curve_runs = [seed_dir / n for n in ("baseline", "imitation", "focal_split", "fgd")]
+    curve_runs = [seed_dir / n for n in (base, *imitations[:1], *split[:1], full)]
     return write_demo_report(
         work,
         rows=table,
         notes=data["conclusions"],
         runs={
-            "teacher": work / "teacher_retinanet",
-            "baseline": seed_dir / "baseline",
-            "fgd": seed_dir / "fgd",
+            "teacher": work / f"teacher_{family}",
+            "baseline": seed_dir / base,
+            "fgd": seed_dir / full,
         },
         curve_runs=[r for r in curve_runs if r.is_dir()],
         title="fgdistill quality benchmark: FGD ablations on synthetic data",

@@ -4,8 +4,10 @@ One teacher per detector family is trained once and cached; then the same studen
 with the same schedule and seeds in every row: alone (the baseline), with plain feature
 imitation, with FGD's focal part on the foreground only, the background only, both as one
 region, both split, with focal plus global (the full method), and the full method without
-inheriting the teacher's neck and head. The recipe, the families and the rows are data: the
-packaged YAML ``configs/bench/quality.yaml``.
+inheriting the teacher's neck and head. The recipe, the families, the rows and the groups of
+rows the conclusions compare are data: the packaged YAML ``configs/bench/quality.yaml``. Its
+``rows`` are the table every run trains; its ``diagnostics`` are rows run only on request
+(``--rows`` or ``--diagnostics``) and reported once they have results.
 
 Layout of the work dir: ``data/``, ``teacher_<family>/``, ``seed<k>/<row>/``, and
 ``results.json``, ``results.md`` and ``report.html`` (``--results`` writes the Markdown
@@ -54,6 +56,7 @@ __all__ = [
     "METRICS",
     "BenchPlan",
     "BenchRow",
+    "Comparisons",
     "load_bench_config",
     "run_quality_bench",
     "summarise",
@@ -68,9 +71,13 @@ _SECTIONS: tuple[str, ...] = (
     "common",
     "families",
     "rows",
+    "diagnostics",
     "skip_rows",
+    "compare",
     "quick",
 )
+_COMPARE_KEYS: tuple[str, ...] = ("full_fgd", "table1", "model_size")
+_TABLE1_KEYS: tuple[str, ...] = ("fg_only", "bg_only", "joint", "split")
 _FAMILY_KEYS: tuple[str, ...] = ("teacher", "student", "distill")
 _ROW_KEYS: tuple[str, ...] = (
     "name",
@@ -89,7 +96,8 @@ class BenchRow:
     """One student row: its name, family and resolved training config (distill or not).
 
     ``baseline`` names the row its gain is measured against (e.g. a baseline on the same longer
-    budget); ``None`` means the family's baseline.
+    budget); ``None`` means the family's baseline. ``diagnostic`` rows come from the config's
+    ``diagnostics`` list: run on request only.
     """
 
     name: str
@@ -97,6 +105,22 @@ class BenchRow:
     description: str
     config: TrainConfig
     baseline: str | None = None
+    diagnostic: bool = False
+
+
+@dataclass
+class Comparisons:
+    """The groups of rows the conclusions compare (the config's ``compare`` section).
+
+    ``full_fgd``: (full FGD row, the plain imitation rows it must beat); ``table1``: the paper's
+    Table 1 rows (fg only, bg only, fg and bg as one region, split); ``model_size``: rows
+    training the teacher's model on the students' budget, which split the gap into model size
+    and training length. Every group names rows of one family, one budget and one baseline.
+    """
+
+    full_fgd: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    table1: list[tuple[str, str, str, str]] = field(default_factory=list)
+    model_size: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +132,9 @@ class BenchPlan:
     teachers: dict[str, TrainConfig]
     rows: list[BenchRow]
     raw: dict[str, Any] = field(default_factory=dict)
+    compare: Comparisons = field(default_factory=Comparisons)
+    #: family -> its default baseline: the first undistilled row of ``rows``, then ``diagnostics``
+    baselines: dict[str, str] = field(default_factory=dict)
 
 
 def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
@@ -123,21 +150,27 @@ def load_bench_config(
     quick: bool = False,
     seeds: Sequence[int] | None = None,
     rows: Sequence[str] | None = None,
+    diagnostics: bool = False,
 ) -> BenchPlan:
     """Read and validate the benchmark YAML.
 
     ``quick`` merges the file's ``quick`` section over the rest; ``overrides`` (``--set``
-    dotted keys) apply after that; ``seeds`` and ``rows`` (names) replace or select.
+    dotted keys) apply after that; ``seeds`` replaces the seeds. The plan runs the ``rows``
+    section, plus the ``diagnostics`` section with ``diagnostics``, less ``skip_rows``; ``rows``
+    (names from either section) selects instead.
 
     Raises:
         ConfigError: naming the file and the key: an unknown section or key, a row of an
             unknown family, a duplicate or unknown row name, a row's ``baseline`` that is not
-            an undistilled row of its family, or an invalid training config.
+            an undistilled row of its family, a ``compare`` group of unknown rows or of rows
+            of different families, budgets or baselines, or an invalid training config.
     """
     raw = read_yaml(path)
     try:
-        for key in raw:
-            if key not in _SECTIONS:
+        for key in list(raw):
+            if str(key).startswith("x-"):  # YAML anchors only
+                del raw[key]
+            elif key not in _SECTIONS:
                 raise _unknown(str(key), _SECTIONS, "top level")
         if quick:
             raw = merge(raw, raw.get("quick") or {})
@@ -160,46 +193,20 @@ def load_bench_config(
                 teachers[fam] = config_from_dict(merge(common, section.get("teacher") or {}))
             except ConfigError as exc:
                 raise ConfigError(f"families.{fam}.teacher: {exc}") from None
-        plan_rows: list[BenchRow] = []
-        names: set[str] = set()
-        for index, row in enumerate(raw.get("rows") or []):
-            where = f"rows[{index}]"
-            if not isinstance(row, Mapping) or "name" not in row:
-                raise ConfigError(f"{where}: a row is a mapping with at least a 'name'")
-            for key in row:
-                if key not in _ROW_KEYS:
-                    raise _unknown(str(key), _ROW_KEYS, where)
-            name = str(row["name"])
-            if name in names:
-                raise ConfigError(f"{where}: duplicate row name '{name}'")
-            names.add(name)
-            fam = str(row.get("family", next(iter(families))))
-            if fam not in families:
-                raise _unknown(fam, list(families), f"{where} ({name}).family")
-            section = families[fam] or {}
-            merged = merge(common, section.get("student") or {})
-            merged = merge(merged, row.get("train") or {})
-            if row.get("distill") is not None:
-                merged["distill"] = merge(section.get("distill") or {}, row["distill"])
-            try:
-                cfg = config_from_dict(merged)
-            except ConfigError as exc:
-                raise ConfigError(f"{where} ({name}): {exc}") from None
-            base = row.get("baseline")
-            plan_rows.append(
-                BenchRow(
-                    name,
-                    fam,
-                    str(row.get("description", "")),
-                    cfg,
-                    None if base is None else str(base),
-                )
+        all_rows: list[BenchRow] = []
+        for section_name in ("rows", "diagnostics"):
+            all_rows += _parse_rows(
+                raw.get(section_name) or [], section_name, families, common, all_rows
             )
-        by_name = {r.name: r for r in plan_rows}
-        for index, bench_row in enumerate(plan_rows):
+        by_name = {r.name: r for r in all_rows}
+        baselines: dict[str, str] = {}
+        for bench_row in all_rows:
+            if bench_row.config.distill is None:
+                baselines.setdefault(bench_row.family, bench_row.name)
+        for bench_row in all_rows:
             if bench_row.baseline is None:
                 continue
-            where = f"rows[{index}] ({bench_row.name}).baseline"
+            where = f"row {bench_row.name}: baseline"
             if bench_row.baseline not in by_name:
                 raise _unknown(bench_row.baseline, sorted(by_name), where)
             other = by_name[bench_row.baseline]
@@ -208,21 +215,119 @@ def load_bench_config(
                     f"{where}: '{other.name}' must be a row of family '{bench_row.family}' "
                     "without a distill section"
                 )
+        compare = _parse_compare(raw.get("compare") or {}, by_name, baselines)
         skip = [str(n) for n in raw.get("skip_rows") or []]
-        unknown_skip = [n for n in skip if n not in names]
+        unknown_skip = [n for n in skip if n not in by_name]
         if unknown_skip:
-            raise _unknown(unknown_skip[0], sorted(names), "skip_rows")
-        plan_rows = [r for r in plan_rows if r.name not in skip]
+            raise _unknown(unknown_skip[0], sorted(by_name), "skip_rows")
         if rows is not None:
-            unknown = [r for r in rows if r not in names]
+            unknown = [r for r in rows if r not in by_name]
             if unknown:
-                raise _unknown(unknown[0], sorted(names), "--rows")
-            plan_rows = [r for r in plan_rows if r.name in set(rows)]
+                raise _unknown(unknown[0], sorted(by_name), "--rows")
+            chosen = [r for r in all_rows if r.name in set(rows)]
+        else:
+            chosen = [r for r in all_rows if diagnostics or not r.diagnostic]
+        plan_rows = [r for r in chosen if r.name not in skip]
         if not plan_rows:
             raise ConfigError("rows: nothing to run")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return BenchPlan(synth, seed_list, teachers, plan_rows, raw)
+    return BenchPlan(synth, seed_list, teachers, plan_rows, raw, compare, baselines)
+
+
+def _parse_rows(
+    entries: Any,
+    section_name: str,
+    families: Mapping[str, Any],
+    common: Mapping[str, Any],
+    earlier: Sequence[BenchRow],
+) -> list[BenchRow]:
+    """The rows of one section (``rows`` or ``diagnostics``), resolved over family and common."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{section_name}: expected a list of rows")
+    names = {r.name for r in earlier}
+    out: list[BenchRow] = []
+    for index, row in enumerate(entries):
+        where = f"{section_name}[{index}]"
+        if not isinstance(row, Mapping) or "name" not in row:
+            raise ConfigError(f"{where}: a row is a mapping with at least a 'name'")
+        for key in row:
+            if key not in _ROW_KEYS:
+                raise _unknown(str(key), _ROW_KEYS, where)
+        name = str(row["name"])
+        if name in names:
+            raise ConfigError(f"{where}: duplicate row name '{name}'")
+        names.add(name)
+        fam = str(row.get("family", next(iter(families))))
+        if fam not in families:
+            raise _unknown(fam, list(families), f"{where} ({name}).family")
+        section = families[fam] or {}
+        merged = merge(dict(common), section.get("student") or {})
+        merged = merge(merged, row.get("train") or {})
+        if row.get("distill") is not None:
+            merged["distill"] = merge(section.get("distill") or {}, row["distill"])
+        try:
+            cfg = config_from_dict(merged)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} ({name}): {exc}") from None
+        base = row.get("baseline")
+        out.append(
+            BenchRow(
+                name,
+                fam,
+                str(row.get("description", "")),
+                cfg,
+                None if base is None else str(base),
+                section_name == "diagnostics",
+            )
+        )
+    return out
+
+
+def _parse_compare(
+    section: Any, by_name: Mapping[str, BenchRow], baselines: Mapping[str, str]
+) -> Comparisons:
+    """The ``compare`` section, each group checked: known rows, one family, budget, baseline."""
+    if not isinstance(section, Mapping):
+        raise ConfigError("compare: expected a mapping")
+    for key in section:
+        if key not in _COMPARE_KEYS:
+            raise _unknown(str(key), _COMPARE_KEYS, "compare")
+
+    def check(group: Sequence[str], where: str) -> None:
+        for name in group:
+            if name not in by_name:
+                raise _unknown(name, sorted(by_name), where)
+        rows = [by_name[n] for n in group]
+        base = {r.baseline or baselines.get(r.family) for r in rows}
+        if len({r.family for r in rows}) > 1 or len(base) > 1:
+            raise ConfigError(f"{where}: rows {list(group)} differ in family or baseline")
+        if len({r.config.optim.epochs for r in rows}) > 1:
+            raise ConfigError(f"{where}: rows {list(group)} differ in their budget (epochs)")
+
+    out = Comparisons()
+    for index, entry in enumerate(section.get("full_fgd") or []):
+        where = f"compare.full_fgd[{index}]"
+        keys = set(entry) if isinstance(entry, Mapping) else set()
+        if "row" not in keys or keys - {"row", "imitation"}:
+            raise ConfigError(f"{where}: expected {{row: NAME, imitation: [NAMES]}}")
+        imitation = tuple(str(n) for n in entry.get("imitation") or [])
+        check([str(entry["row"]), *imitation], where)
+        out.full_fgd.append((str(entry["row"]), imitation))
+    for index, entry in enumerate(section.get("table1") or []):
+        where = f"compare.table1[{index}]"
+        if not isinstance(entry, Mapping) or set(entry) != set(_TABLE1_KEYS):
+            raise ConfigError(f"{where}: expected the keys {', '.join(_TABLE1_KEYS)}")
+        fg, bg, joint, split = (str(entry[k]) for k in _TABLE1_KEYS)
+        check([fg, bg, joint, split], where)
+        out.table1.append((fg, bg, joint, split))
+    for index, name in enumerate(section.get("model_size") or []):
+        where = f"compare.model_size[{index}]"
+        check([str(name)], where)
+        if by_name[str(name)].config.distill is not None:
+            raise ConfigError(f"{where}: '{name}' must be a row without a distill section")
+        out.model_size.append(str(name))
+    return out
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -269,11 +374,12 @@ def summarise(
 ) -> dict[str, Any]:
     """Per-row mean and spread over seeds, gain over the family's baseline, share of the gap.
 
-    ``results`` maps row name -> seed -> result (rows or seeds still missing are left out).
-    The baseline of a family is its first row without a ``distill`` section; a row with its
-    own ``baseline`` is measured against that row instead.
+    ``results`` maps row name -> seed -> result (seeds still missing are left out; so are
+    diagnostic rows without any result). The baseline of a family is its first row without a
+    ``distill`` section; a row with its own ``baseline`` is measured against that row instead.
     """
-    baselines: dict[str, str] = {}
+    families = {row.family for row in plan.rows}
+    baselines = {fam: name for fam, name in plan.baselines.items() if fam in families}
     for row in plan.rows:
         if row.config.distill is None:
             baselines.setdefault(row.family, row.name)
@@ -281,6 +387,8 @@ def summarise(
     means: dict[str, dict[str, float]] = {}
     for row in plan.rows:
         per_seed = results.get(row.name, {})
+        if row.diagnostic and not per_seed:
+            continue
         stats: dict[str, dict[str, float]] = {}
         for metric in METRICS:
             mean, std = _mean_std([r.metrics.get(metric, float("nan")) for r in per_seed.values()])
@@ -292,6 +400,7 @@ def summarise(
                 "name": row.name,
                 "family": row.family,
                 "description": row.description,
+                "diagnostic": row.diagnostic,
                 "model": f"{row.config.model.arch} {row.config.model.backbone}",
                 "seeds": sorted(per_seed),
                 "per_seed": {str(s): r.metrics for s, r in sorted(per_seed.items())},
@@ -325,6 +434,7 @@ def summarise(
         },
         "baselines": baselines,
         "rows": rows_out,
+        "compare": asdict(plan.compare),
     }
 
 
@@ -337,6 +447,24 @@ def _cell(stat: Mapping[str, float]) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+_TABLE_HEAD = (
+    "| row | model | seeds | " + " | ".join(METRICS) + " | gain AP | gap closed | wall/seed |",
+    "|---|---|---|" + "---:|" * (len(METRICS) + 3),
+)
+
+
+def _table_line(row: Mapping[str, Any]) -> str:
+    cells = [_cell(row["metrics"][m]) for m in METRICS]
+    share = row["gap_share"]
+    return (
+        f"| {row['name']} | {row['model']} | {len(row['seeds'])} | "
+        + " | ".join(cells)
+        + f" | {_fmt(row['gain_AP'])} | "
+        + ("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
+        + f" | {mmss(row['wall_time_s']) if row['seeds'] else 'not run'} |"
+    )
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
@@ -355,8 +483,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         f"- wall time of this invocation: {mmss(data['wall_time_s'])} "
         "(reused stages count their original time in the table, not here)",
         "",
-        "| row | model | seeds | " + " | ".join(METRICS) + " | gain AP | gap closed | wall/seed |",
-        "|---|---|---|" + "---:|" * (len(METRICS) + 3),
+        *_TABLE_HEAD,
     ]
     for fam, t in data["teachers"].items():
         cells = [_fmt(t["metrics"].get(m, float("nan"))) for m in METRICS]
@@ -365,16 +492,17 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             + " | ".join(cells)
             + f" | | | {mmss(t['wall_time_s'])} |"
         )
-    for row in data["rows"]:
-        cells = [_cell(row["metrics"][m]) for m in METRICS]
-        share = row["gap_share"]
-        lines.append(
-            f"| {row['name']} | {row['model']} | {len(row['seeds'])} | "
-            + " | ".join(cells)
-            + f" | {_fmt(row['gain_AP'])} | "
-            + ("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
-            + f" | {mmss(row['wall_time_s']) if row['seeds'] else 'not run'} |"
-        )
+    main_rows = [r for r in data["rows"] if not r.get("diagnostic")]
+    diagnostic_rows = [r for r in data["rows"] if r.get("diagnostic")]
+    lines += [_table_line(row) for row in main_rows]
+    if diagnostic_rows:
+        lines += [
+            "",
+            "Diagnostic rows (run on request: `--rows NAME` or `--diagnostics`):",
+            "",
+            *_TABLE_HEAD,
+            *(_table_line(row) for row in diagnostic_rows),
+        ]
     lines += ["", "Rows:", ""]
     for row in data["rows"]:
         against = ""
@@ -404,32 +532,6 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                 text = ", ".join(f"{lv} {v:.3g}" for lv, v in levels.items())
                 lines.append(f"| {name} | {rec['iter']} | {rec['detection']:.3f} | {text} |")
     return "\n".join(lines) + "\n"
-
-
-#: (full FGD row, the plain imitation rows it is compared with), for the conclusions.
-FULL_FGD_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("fgd", ("imitation",)),
-    ("fgd_norm", ("imitation", "imitation_norm", "imitation_norm_inherit")),
-    ("fgd_norm_long", ()),
-    ("reppoints_fgd", ("reppoints_imitation",)),
-    ("reppoints_fgd_norm", ("reppoints_imitation",)),
-    (
-        "reppoints_fgd_norm_long",
-        ("reppoints_imitation_norm_long", "reppoints_imitation_norm_inherit_long"),
-    ),
-)
-#: The paper's Table 1 rows (fg only, bg only, joint, split): raw, on normalised features, and
-#: for RepPoints on twice the student budget.
-TABLE1_ROWS: tuple[tuple[str, str, str, str], ...] = (
-    ("fg_only", "bg_only", "fg_bg_joint", "focal_split"),
-    ("fg_only_norm", "bg_only_norm", "fg_bg_joint_norm", "focal_split_norm"),
-    (
-        "reppoints_fg_only_norm_long",
-        "reppoints_bg_only_norm_long",
-        "reppoints_fg_bg_joint_norm_long",
-        "reppoints_focal_split_norm_long",
-    ),
-)
 
 
 def conclusions(data: Mapping[str, Any]) -> list[str]:
@@ -480,17 +582,21 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
                 f"{fam} {row['name']}: {r_ap:.2f} AP, {r_ap - b_ap:+.2f} over {over}"
                 f"{share_text} ({beyond})."
             )
-    teacher = data["teachers"].get("retinanet")
-    if teacher is not None and "r50_student_budget" in rows and "baseline" in rows:
+    compare = data.get("compare") or {}
+    for name in compare.get("model_size", []):
+        row = rows.get(name)
+        teacher = data["teachers"].get(row["family"]) if row else None
+        if row is None or teacher is None or row["baseline"] not in rows:
+            continue
         t_ap = teacher["metrics"].get("AP", float("nan"))
-        mid, _ = ap("r50_student_budget")
-        base, _ = ap("baseline")
+        mid, _ = ap(name)
+        base, _ = ap(row["baseline"])
         out.append(
-            f"the gap splits into model size {mid - base:+.2f} AP (teacher model on the students' "
-            f"budget minus baseline) and training length {t_ap - mid:+.2f} AP (teacher minus "
-            "that row)."
+            f"{row['family']}: the gap splits into model size {mid - base:+.2f} AP ({name}, the "
+            f"teacher's model on the students' budget, minus {row['baseline']}) and training "
+            f"length {t_ap - mid:+.2f} AP (teacher minus {name})."
         )
-    for full, imitations in FULL_FGD_ROWS:
+    for full, imitations in compare.get("full_fgd", []):
         if full not in rows:
             continue
         f_ap, _ = ap(full)
@@ -504,11 +610,16 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
         share = rows[full]["gap_share"]
         if not math.isnan(share):
             verdict = "MET" if share >= 0.5 else "NOT met"
+            family = rows[full]["family"]
+            own = rows[full].get("baseline") or data["baselines"][family]
+            t_ap = data["teachers"][family]["metrics"].get("AP", float("nan"))
+            gap = t_ap - ap(own)[0]
+            small = "" if gap >= 5 else "; this gap is under the 5 AP target"
             out.append(
-                f"full FGD ({full}) closed {100 * share:.0f}% of the gap "
-                f"(target >= 50%: {verdict})."
+                f"full FGD ({full}) closed {100 * share:.0f}% of the {gap:.2f} AP gap "
+                f"(target >= 50%: {verdict}{small})."
             )
-    for table1 in TABLE1_ROWS:
+    for table1 in compare.get("table1", []):
         if not all(n in rows for n in table1):
             continue
         got = {n: ap(n)[0] for n in table1}
@@ -537,11 +648,13 @@ def run_quality_bench(
     say: Callable[[str], None] | None = None,
     command: str | None = None,
     report_only: bool = False,
+    diagnostics: bool = False,
 ) -> dict[str, Any]:
     """Train (or reuse) the teachers and every row for every seed; write the results.
 
-    With ``report_only`` nothing is trained: the results cover the finished runs only (e.g. of
-    several invocations with different ``--seeds`` or ``--rows`` that shared the work dir).
+    ``diagnostics`` adds the config's diagnostic rows. With ``report_only`` nothing is trained:
+    the results cover the finished runs only (e.g. of several invocations with different
+    ``--seeds`` or ``--rows`` that shared the work dir), diagnostic rows included.
 
     Returns the summary written to ``work_dir/results.json``.
     """
@@ -551,7 +664,14 @@ def run_quality_bench(
     tell = say or logger.info
     start = time.perf_counter()
     work = Path(work_dir)
-    plan = load_bench_config(config, overrides, quick=quick, seeds=seeds, rows=rows)
+    plan = load_bench_config(
+        config,
+        overrides,
+        quick=quick,
+        seeds=seeds,
+        rows=rows,
+        diagnostics=diagnostics or report_only,
+    )
     work.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(shlex.quote(a) for a in ["fgdistill", *sys.argv[1:]])
     data_dir = work / "data"
