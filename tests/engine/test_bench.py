@@ -128,43 +128,6 @@ _TWO_BUDGETS = (
 )
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            _FAMILY + "rows: [{name: a}]\ncompare: {fulL_fgd: []}\n",
-            "compare: unknown key 'fulL_fgd'; did you mean 'full_fgd'?",
-        ),
-        (
-            _FAMILY + "rows: [{name: a}]\ncompare: {full_fgd: [{row: fdg}]}\n",
-            "compare.full_fgd[0]: unknown key 'fdg'",
-        ),
-        (
-            _FAMILY + _TWO_BUDGETS + "compare: {full_fgd: [{row: b, imitation: [d]}]}\n",
-            "compare.full_fgd[0]: rows ['b', 'd'] differ in family or baseline",
-        ),
-        (
-            _FAMILY + "rows: [{name: a}]\ncompare: {table1: [{fg_only: a, bg_only: a}]}\n",
-            "compare.table1[0]: expected the keys fg_only, bg_only, joint, split",
-        ),
-        (
-            _FAMILY + _TWO_BUDGETS + "compare: {model_size: [b]}\n",
-            "compare.model_size[0]: 'b' must be a row without a distill section",
-        ),
-        (
-            _FAMILY + "rows: [{name: a}]\ndiagnostics: [{name: a}]\n",
-            "diagnostics[0]: duplicate row name 'a'",
-        ),
-    ],
-)
-def test_bad_comparisons_name_the_group(tmp_path: Path, text: str, message: str) -> None:
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_bench_config(cfg)
-    assert message in str(err.value)
-
-
 def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(
@@ -229,6 +192,30 @@ _RUN_INFO = {
         (
             "families: {retinanet: {}}\nrows: [{name: a, train: {optim: {lr: fast}}}]\n",
             "rows[0] (a)",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {fulL_fgd: []}\n",
+            "compare: unknown key 'fulL_fgd'; did you mean 'full_fgd'?",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {full_fgd: [{row: fdg}]}\n",
+            "compare.full_fgd[0]: unknown key 'fdg'",
+        ),
+        (
+            _FAMILY + _TWO_BUDGETS + "compare: {full_fgd: [{row: b, imitation: [d]}]}\n",
+            "compare.full_fgd[0]: rows ['b', 'd'] differ in family or baseline",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ncompare: {table1: [{fg_only: a, bg_only: a}]}\n",
+            "compare.table1[0]: expected the keys fg_only, bg_only, joint, split",
+        ),
+        (
+            _FAMILY + _TWO_BUDGETS + "compare: {model_size: [b]}\n",
+            "compare.model_size[0]: 'b' must be a row without a distill section",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\ndiagnostics: [{name: a}]\n",
+            "diagnostics[0]: duplicate row name 'a'",
         ),
     ],
 )
