@@ -118,7 +118,7 @@ def test_packaged_comparisons_name_known_rows() -> None:
     compare = load_bench_config(PACKAGED).compare
     assert compare.full_fgd[0] == ("fgd_norm", ("imitation_norm", "imitation_norm_inherit"))
     assert compare.table1[1][:2] == ("reppoints_fg_only_norm_long", "reppoints_bg_only_norm_long")
-    assert compare.model_size == ["r50_student_budget"]
+    assert compare.model_size == ["r50_student_budget", "reppoints_r50_student_budget_long"]
 
 
 _FAMILY = "families: {retinanet: {}}\n"
