@@ -418,3 +418,23 @@ def test_bench_runs_rows_and_reuses_them(
     data = json.loads((work / "results.json").read_text())
     assert data["status"].startswith("partial")
     assert not (work / "seed0" / "fgd_norm").exists()
+
+
+def test_parallel_jobs_train_the_stages_a_serial_run_reuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "bench"
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
+    args += ["--rows", "baseline", "fgd", "--seeds", "0"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main([*args, "--jobs", "2"]) == 0
+    assert "training 2 runs, 2 at a time" in capsys.readouterr().out
+    data = json.loads((work / "results.json").read_text())
+    assert data["status"] == "complete"
+    assert [(r["name"], r["seeds"]) for r in data["rows"]] == [("baseline", [0]), ("fgd", [0])]
+    # The children trained exactly the stages a serial run would: it reuses all of them.
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("reusing") == 1 + 1 + 2  # data, teacher, 2 rows
+    assert main([*args, "--jobs", "0"]) == 2
+    assert "--jobs: need at least 1, got 0" in capsys.readouterr().err

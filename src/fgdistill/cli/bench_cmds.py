@@ -41,6 +41,15 @@ def register(subparsers: Any) -> None:
         help="run only these rows (names, from the table or the diagnostics)",
     )
     q.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help=(
+            "train up to this many student runs at once, each in its own process with the "
+            "threads divided between them (default 1)"
+        ),
+    )
+    q.add_argument(
         "--diagnostics",
         action="store_true",
         help="also run the config's diagnostic rows (off: only the table's rows)",
@@ -99,6 +108,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         say=lambda line: print(line, flush=True),
         report_only=args.report_only,
         diagnostics=args.diagnostics,
+        jobs=args.jobs,
     )
     from fgdistill.engine.bench import render_markdown
 

@@ -649,10 +649,13 @@ def run_quality_bench(
     command: str | None = None,
     report_only: bool = False,
     diagnostics: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse) the teachers and every row for every seed; write the results.
 
-    ``diagnostics`` adds the config's diagnostic rows. With ``report_only`` nothing is trained:
+    ``diagnostics`` adds the config's diagnostic rows. The teachers train first, one at a time;
+    with ``jobs`` > 1 the students then train that many at a time, each in a child process with
+    the threads divided between them (progress bars off). With ``report_only`` nothing is trained:
     the results cover the finished runs only (e.g. of several invocations with different
     ``--seeds`` or ``--rows`` that shared the work dir), diagnostic rows included.
 
@@ -660,7 +663,10 @@ def run_quality_bench(
     """
     from fgdistill.engine.runner import train
 
+    custom_train_fn = train_fn
     train_fn = train_fn or train
+    if jobs < 1:
+        raise ConfigError(f"--jobs: need at least 1, got {jobs}")
     tell = say or logger.info
     start = time.perf_counter()
     work = Path(work_dir)
@@ -703,12 +709,9 @@ def run_quality_bench(
             teachers[fam] = result
 
     results: dict[str, dict[int, StageResult]] = {r.name: {} for r in plan.rows}
-    total = len(plan.rows) * len(plan.seeds)
-    done = 0
-    summary: dict[str, Any] = {}
+    tasks: list[_Task] = []
     for seed in plan.seeds:
         for row in plan.rows:
-            done += 1
             cfg = copy.deepcopy(row.config)
             cfg.name = row.name
             cfg.seed = seed
@@ -719,32 +722,133 @@ def run_quality_bench(
                 cfg.distill.teacher = copy.deepcopy(plan.teachers[row.family].model)
                 cfg.distill.teacher_checkpoint = str(work / f"teacher_{row.family}" / "model.pt")
                 upstream.append(teacher_fps[row.family])
+            label = f"[{len(tasks) + 1}/{len(plan.rows) * len(plan.seeds)}] seed {seed} {row.name}"
+            tasks.append(_Task(seed, row.name, cfg, upstream, label))
+    done = 0
+    summary: dict[str, Any] = {}
+
+    def record(task: _Task, result: StageResult | None) -> None:
+        nonlocal done, summary
+        done += 1
+        if result is not None:
+            results[task.row][task.seed] = result
+        if report_only and done < len(tasks):
+            return
+        summary = _write_results(
+            work,
+            plan,
+            teachers,
+            results,
+            complete=done == len(tasks)
+            and all(len(v) == len(plan.seeds) for v in results.values())
+            and len(teachers) == len(families),
+            wall=time.perf_counter() - start,
+            command=command,
+            results_file=results_file,
+        )
+
+    if jobs > 1 and not report_only:
+        _run_in_parallel(tasks, jobs, custom_train_fn, tell, record)
+    else:
+        for task in tasks:
             result, _ = run_stage(
-                cfg,
-                upstream=upstream,
+                task.config,
+                upstream=task.upstream,
                 train_fn=train_fn,
                 progress=progress,
                 say=tell,
-                label=f"[{done}/{total}] seed {seed} {row.name}",
+                label=task.label,
                 reuse_only=report_only,
             )
-            if result is not None:
-                results[row.name][seed] = result
-            if report_only and done < total:
-                continue
-            summary = _write_results(
-                work,
-                plan,
-                teachers,
-                results,
-                complete=done == total
-                and all(len(v) == len(plan.seeds) for v in results.values())
-                and len(teachers) == len(families),
-                wall=time.perf_counter() - start,
-                command=command,
-                results_file=results_file,
-            )
+            record(task, result)
     return summary
+
+
+@dataclass
+class _Task:
+    """One student stage: a row trained with one seed."""
+
+    seed: int
+    row: str
+    config: TrainConfig
+    upstream: list[str]
+    label: str
+
+
+def _run_in_parallel(
+    tasks: Sequence[_Task],
+    jobs: int,
+    train_fn: Callable[..., Any] | None,
+    tell: Callable[[str], None],
+    record: Callable[[_Task, StageResult | None], None],
+) -> None:
+    """Reuse the finished stages here; train the others ``jobs`` at a time in child processes.
+
+    Each child gets this process's torch threads divided by ``jobs`` (at least one); results are
+    recorded as they finish, so the results files grow as in a serial run.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pending: list[_Task] = []
+    for task in tasks:
+        lines: list[str] = []
+        result, _ = run_stage(
+            task.config,
+            upstream=task.upstream,
+            train_fn=train_fn or _no_training,
+            progress=False,
+            say=lines.append,
+            label=task.label,
+            reuse_only=True,
+        )
+        if result is None:
+            pending.append(task)
+        else:
+            tell(lines[-1])
+            record(task, result)
+    if not pending:
+        return
+    threads = max(1, _threads() // jobs)
+    tell(f"training {len(pending)} runs, {jobs} at a time, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context) as pool:
+        futures = {pool.submit(_train_in_child, task, threads, train_fn): task for task in pending}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _no_training(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("reuse_only never trains")
+
+
+def _train_in_child(
+    task: _Task, threads: int, train_fn: Callable[..., Any] | None
+) -> StageResult | None:
+    """One stage in a child process of :func:`_run_in_parallel`, with ``threads`` threads."""
+    import torch
+
+    from fgdistill.engine.runner import train
+
+    torch.set_num_threads(threads)
+    result, _ = run_stage(
+        task.config,
+        upstream=task.upstream,
+        train_fn=train_fn or train,
+        progress=False,
+        say=_print_line,
+        label=task.label,
+    )
+    return result
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _write_results(
