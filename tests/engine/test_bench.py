@@ -52,14 +52,14 @@ ISSUE_ROWS = {
         "fgd_norm_no_inherit",
     ],
     "reppoints": [
-        "reppoints_baseline_long",
-        "reppoints_imitation_norm_long",
-        "reppoints_fg_only_norm_long",
-        "reppoints_bg_only_norm_long",
-        "reppoints_fg_bg_joint_norm_long",
-        "reppoints_focal_split_norm_long",
-        "reppoints_fgd_norm_long",
-        "reppoints_fgd_norm_no_inherit_long",
+        "reppoints_baseline_8ep",
+        "reppoints_imitation_norm_8ep",
+        "reppoints_fg_only_norm_8ep",
+        "reppoints_bg_only_norm_8ep",
+        "reppoints_fg_bg_joint_norm_8ep",
+        "reppoints_focal_split_norm_8ep",
+        "reppoints_fgd_norm_8ep",
+        "reppoints_fgd_norm_no_inherit_8ep",
     ],
 }
 
@@ -117,7 +117,7 @@ def test_packaged_config_rows() -> None:
 def test_packaged_comparisons_name_known_rows() -> None:
     compare = load_bench_config(PACKAGED).compare
     assert compare.full_fgd[0] == ("fgd_norm", ("imitation_norm", "imitation_norm_inherit"))
-    assert compare.table1[1][:2] == ("reppoints_fg_only_norm_long", "reppoints_bg_only_norm_long")
+    assert compare.table1[1][:2] == ("reppoints_fg_only_norm_8ep", "reppoints_bg_only_norm_8ep")
     assert compare.model_size == ["r50_student_budget", "reppoints_r50_student_budget_long"]
 
 
