@@ -796,7 +796,7 @@ def _run_in_parallel(
         result, _ = run_stage(
             task.config,
             upstream=task.upstream,
-            train_fn=train_fn or _no_training,
+            train_fn=_no_training,
             progress=False,
             say=lines.append,
             label=task.label,
