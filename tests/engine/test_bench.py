@@ -268,6 +268,7 @@ def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
     rows = {r["name"]: r for r in data["rows"]}
     assert data["baselines"] == {"retinanet": "baseline"}
     assert rows["baseline_long"]["gain_AP"] == pytest.approx(2.0)  # vs the family's
+    assert math.isnan(rows["baseline_long"]["gap_share"])  # other budget: no share claimed
     assert rows["fgd_norm_long"]["gain_AP"] == pytest.approx(3.0)
     assert rows["fgd_norm_long"]["gap_share"] == pytest.approx(3.0 / 4.0)
     data["conclusions"] = conclusions(data)
@@ -275,6 +276,10 @@ def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
     assert "teacher 8.00 vs baseline 2.00 AP: gap +6.00 (target >= 5 AP: MET)" in text
     assert "vs baseline baseline_long 4.00 AP: gap +4.00 (target >= 5 AP: NOT met)" in text
     assert "fgd_norm_long: 7.00 AP, +3.00 over baseline_long, 75%" in text
+    assert (
+        "baseline_long: 4.00 AP, +2.00 over the baseline, trained 4 epochs against its "
+        "baseline's 2: training length, not distillation, so no share of the gap" in text
+    )
     assert (
         "full FGD (fgd_norm_long) closed 75% of the 4.00 AP gap (target >= 50%: MET; this gap "
         "is under the 5 AP target)." in text

@@ -377,6 +377,7 @@ def summarise(
     ``results`` maps row name -> seed -> result (seeds still missing are left out; so are
     diagnostic rows without any result). The baseline of a family is its first row without a
     ``distill`` section; a row with its own ``baseline`` is measured against that row instead.
+    A row trained for other epochs than its baseline gets its gain but no share of the gap.
     """
     families = {row.family for row in plan.rows}
     baselines = {fam: name for fam, name in plan.baselines.items() if fam in families}
@@ -411,6 +412,7 @@ def summarise(
             }
         )
     own = {row.name: row.baseline for row in plan.rows}
+    epochs = {row.name: row.config.optim.epochs for row in plan.rows}
     for out in rows_out:
         base = own[out["name"]] or baselines.get(out["family"])
         teacher = teachers.get(out["family"])
@@ -419,8 +421,12 @@ def summarise(
         t_ap = teacher.metrics.get("AP", float("nan")) if teacher else float("nan")
         gap = t_ap - base_ap
         out["baseline"] = base
+        out["epochs"] = epochs[out["name"]]
         out["gain_AP"] = ap - base_ap
-        out["gap_share"] = (ap - base_ap) / gap if gap > 0 else float("nan")
+        # A row on another budget than its baseline differs in training length, not only in
+        # distillation, so no share of the gap is claimed for it.
+        same_budget = base is None or epochs.get(base, epochs[out["name"]]) == out["epochs"]
+        out["gap_share"] = (ap - base_ap) / gap if gap > 0 and same_budget else float("nan")
     return {
         "teachers": {
             fam: {
@@ -577,6 +583,12 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             )
             share = row["gap_share"]
             share_text = "" if math.isnan(share) else f", {100 * share:.0f}% of the gap"
+            base_epochs = rows[own].get("epochs")
+            if row.get("epochs") != base_epochs:
+                share_text = (
+                    f", trained {row.get('epochs')} epochs against its baseline's {base_epochs}:"
+                    " training length, not distillation, so no share of the gap"
+                )
             over = "the baseline" if own == base else own
             out.append(
                 f"{fam} {row['name']}: {r_ap:.2f} AP, {r_ap - b_ap:+.2f} over {over}"
