@@ -118,7 +118,11 @@ def test_packaged_comparisons_name_known_rows() -> None:
     compare = load_bench_config(PACKAGED).compare
     assert compare.full_fgd[0] == ("fgd_norm", ("imitation_norm", "imitation_norm_inherit"))
     assert compare.table1[1][:2] == ("reppoints_fg_only_norm_8ep", "reppoints_bg_only_norm_8ep")
-    assert compare.model_size == ["r50_student_budget", "reppoints_r50_student_budget_long"]
+    assert compare.model_size == [
+        "r50_student_budget",
+        "reppoints_r50_student_budget_long",
+        "reppoints_r50_student_budget_8ep",
+    ]
 
 
 _FAMILY = "families: {retinanet: {}}\n"
