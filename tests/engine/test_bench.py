@@ -12,6 +12,7 @@ from fgdistill.cli.main import main
 from fgdistill.engine.bench import (
     NOTES_MARKER,
     conclusions,
+    import_results,
     load_bench_config,
     render_markdown,
     summarise,
@@ -447,3 +448,113 @@ def test_parallel_jobs_train_the_stages_a_serial_run_reuses(
     assert capsys.readouterr().out.count("reusing") == 1 + 1 + 2  # data, teacher, 2 rows
     assert main([*args, "--jobs", "0"]) == 2
     assert "--jobs: need at least 1, got 0" in capsys.readouterr().err
+
+
+def _results_file(path: Path, teacher_ap: float, rows: dict[str, dict[int, float]]) -> Path:
+    """A results JSON as written before fingerprints were recorded (e.g. docs/results.json)."""
+    entries = [
+        {
+            "name": name,
+            "model": "retinanet resnet18",
+            "seeds": sorted(aps),
+            "per_seed": {str(s): {"AP": ap, "AP50": 2 * ap} for s, ap in sorted(aps.items())},
+            "wall_time_s": 60.0,
+            "iterations": 5,
+            "work_dirs": [f"/elsewhere/seed{s}/{name}" for s in sorted(aps)],
+        }
+        for name, aps in rows.items()
+    ]
+    data = {
+        "teachers": {"retinanet": {"model": "t", "metrics": {"AP": teacher_ap}, "wall_time_s": 9}},
+        "rows": entries,
+        "seeds": [0, 1],
+        "loss_magnitudes": {"fgd": {"first": {"iter": 1, "detection": 1.0, "distill": {}}}},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> None:
+    plan = load_bench_config(PACKAGED, rows=["baseline", "fgd"], seeds=[0, 1, 2])
+    teacher = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
+    local = {"baseline": {2: _result("baseline", 2.5, 2)}, "fgd": {2: _result("fgd", 7.0, 2)}}
+    fps = {(r, s): f"fp-{r}-{s}" for r in ("baseline", "fgd") for s in (0, 1, 2)}
+    old = _results_file(
+        tmp_path / "old.json", 10.0, {"baseline": {0: 2.0, 1: 3.0}, "fgd": {0: 6.0, 1: 8.0, 2: 1.0}}
+    )
+    got = import_results([old], plan, {"retinanet": teacher}, local, teacher_fps={}, stage_fps=fps)
+    assert {r: sorted(v) for r, v in got.results.items()} == {
+        "baseline": [0, 1, 2],
+        "fgd": [0, 1, 2],
+    }
+    assert got.results["fgd"][2].metrics["AP"] == 7.0  # the work dir's own result wins
+    assert got.results["fgd"][0].imported_from == str(old)
+    assert got.results["fgd"][0].work_dir == "/elsewhere/seed0/fgd"
+    assert "fgd" in got.loss_magnitudes  # its first seed came from the file
+    assert got.notes == [
+        f"from {old}: 4 row result(s) of one seed; checked by fingerprint 0, by the teacher's "
+        "metrics 2, by row name and seed only 2"
+    ]
+    assert local["fgd"].keys() == {2}  # the caller's results are not changed
+    data = summarise(plan, got.teachers, got.results)
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    assert fgd["metrics"]["AP"]["mean"] == pytest.approx(7.0)
+    assert fgd["imported"] == {"0": str(old), "1": str(old)}
+    assert "| fgd | retinanet resnet18 | 3 (2 imported) | 7.00 ± 1.00" in render_markdown(
+        {**data, **_RUN_INFO, "conclusions": []}
+    )
+
+    # Distilled from another teacher: the distilled rows are left out, the baseline is taken.
+    other = _results_file(tmp_path / "other.json", 11.0, {"baseline": {0: 2.0}, "fgd": {0: 6.0}})
+    lines: list[str] = []
+    got = import_results(
+        [other], plan, {"retinanet": teacher}, {}, teacher_fps={}, stage_fps=fps, say=lines.append
+    )
+    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
+    assert f"import {other}: left out fgd seed 0 (distilled from another teacher)" in lines
+
+    # Recorded fingerprints must match the plan's; the file's teacher fills a missing one.
+    data = json.loads(other.read_text())
+    data["rows"][0]["fingerprints"] = {"0": "fp-baseline-0"}
+    data["rows"][1]["fingerprints"] = {"0": "stale"}
+    data["teachers"]["retinanet"]["fingerprint"] = "fp-teacher"
+    other.write_text(json.dumps(data))
+    got = import_results(
+        [other], plan, {}, {}, teacher_fps={"retinanet": "fp-teacher"}, stage_fps=fps
+    )
+    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
+    assert got.teachers["retinanet"].metrics == {"AP": 11.0}
+    assert "checked by fingerprint 1" in got.notes[0] and "left out 1" in got.notes[0]
+
+
+def test_merge_joins_an_earlier_work_dirs_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "quality", "--no-progress", "--no-report", "--rows", "baseline", "fgd"]
+    for item in TINY:
+        args += ["--set", item]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*args, "--work-dir", str(first), "--seeds", "0"]) == 0
+    # Another machine: the same teacher, seed 1; then one table of both seeds.
+    assert main([*args, "--work-dir", str(second), "--seeds", "1"]) == 0
+    capsys.readouterr()
+    merged = [*args, "--work-dir", str(second), "--seeds", "0", "1", "--report-only"]
+    assert main([*merged, "--merge", str(first / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| fgd | retinanet resnet18 | 2 (1 imported) |" in out
+    data = json.loads((second / "results.json").read_text())
+    assert data["status"] == "complete"
+    assert "checked by fingerprint 2" in data["imported"][0]
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    first_fgd = json.loads((first / "results.json").read_text())["rows"][1]
+    assert fgd["per_seed"]["0"] == first_fgd["per_seed"]["0"]
+    assert fgd["fingerprints"]["0"] == first_fgd["fingerprints"]["0"] != fgd["fingerprints"]["1"]
+    assert "fgd" in data["loss_magnitudes"]  # seed 0's, carried over from the first file
+
+    assert main([*merged, "--merge", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read the results file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    assert main([*merged, "--merge", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a results file of `fgdistill bench quality` (no 'teachers' dict)" in (
+        capsys.readouterr().err
+    )

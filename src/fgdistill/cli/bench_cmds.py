@@ -68,6 +68,20 @@ def register(subparsers: Any) -> None:
         help="train nothing: write the results of the runs already finished in the work dir",
     )
     q.add_argument(
+        "--merge",
+        dest="merge_from",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help=(
+            "fill in the results this work dir lacks from an earlier results JSON of this "
+            "benchmark (e.g. docs/results.json, whose work dir is on another machine): taken "
+            "where its fingerprints match, or, in files without fingerprints, where its teacher's "
+            "metrics equal this work dir's; repeatable"
+        ),
+    )
+    q.add_argument(
         "--work-dir",
         type=Path,
         default=None,
@@ -109,6 +123,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         diagnostics=args.diagnostics,
         jobs=args.jobs,
+        merge_from=args.merge_from,
     )
     from fgdistill.engine.bench import render_markdown
 
@@ -148,7 +163,18 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
     full, imitations = picked[0]
     family, base = rows[full]["family"], rows[full]["baseline"]
     split = [t[3] for t in compare.get("table1", []) if rows.get(t[3], {}).get("baseline") == base]
-    seed = rows[full]["seeds"][0]
+    # The pictures need the models on disk: a seed trained in this work dir, not imported.
+    local = [
+        s
+        for s in rows[full]["seeds"]
+        if s in rows[base]["seeds"]
+        and str(s) not in (rows[full].get("imported") or {})
+        and str(s) not in (rows[base].get("imported") or {})
+    ]
+    if not local or data["teachers"][family].get("imported_from"):
+        print("report.html skipped: its runs were imported, their models are not in this work dir")
+        return None
+    seed = local[0]
     table: list[dict[str, object]] = []
     for fam, t in data["teachers"].items():
         values = {m: _two(t["metrics"].get(m, math.nan)) for m in metrics}

@@ -49,6 +49,7 @@ from fgdistill.engine.stages import (
     point_at_data,
     prepare_data,
     run_stage,
+    stage_fingerprint,
 )
 from fgdistill.errors import ConfigError
 
@@ -57,6 +58,8 @@ __all__ = [
     "BenchPlan",
     "BenchRow",
     "Comparisons",
+    "Imported",
+    "import_results",
     "load_bench_config",
     "run_quality_bench",
     "summarise",
@@ -405,6 +408,13 @@ def summarise(
                 "model": f"{row.config.model.arch} {row.config.model.backbone}",
                 "seeds": sorted(per_seed),
                 "per_seed": {str(s): r.metrics for s, r in sorted(per_seed.items())},
+                "per_seed_wall_s": {str(s): r.wall_time_s for s, r in sorted(per_seed.items())},
+                "fingerprints": {
+                    str(s): r.fingerprint for s, r in sorted(per_seed.items()) if r.fingerprint
+                },
+                "imported": {
+                    str(s): r.imported_from for s, r in sorted(per_seed.items()) if r.imported_from
+                },
                 "metrics": stats,
                 "wall_time_s": sum(walls) / len(walls) if walls else float("nan"),
                 "iterations": max((r.iterations for r in per_seed.values()), default=0),
@@ -435,6 +445,8 @@ def summarise(
                 "wall_time_s": t.wall_time_s,
                 "iterations": t.iterations,
                 "work_dir": t.work_dir,
+                "fingerprint": t.fingerprint,
+                "imported_from": t.imported_from,
             }
             for fam, t in teachers.items()
         },
@@ -442,6 +454,171 @@ def summarise(
         "rows": rows_out,
         "compare": asdict(plan.compare),
     }
+
+
+@dataclass
+class Imported:
+    """What :func:`import_results` took from earlier results files.
+
+    ``teachers`` and ``results`` (row -> seed -> result) are the work dir's own, with the gaps
+    filled in; ``loss_magnitudes`` are the files' records for rows whose first seed was
+    imported; ``notes`` has one sentence per file: what it gave and how that was checked.
+    """
+
+    teachers: dict[str, StageResult]
+    results: dict[str, dict[int, StageResult]]
+    loss_magnitudes: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _same_metrics(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two metric dicts hold the same keys and values (NaN equal to NaN)."""
+    if set(a) != set(b):
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if not isinstance(x, int | float) or not isinstance(y, int | float):
+            return False
+        if math.isnan(x) and math.isnan(y):
+            continue
+        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9):
+            return False
+    return True
+
+
+def _read_results_file(path: Path) -> dict[str, Any]:
+    """A results JSON written by this benchmark, checked for the keys the import reads."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the results file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not a JSON file (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a results file of `fgdistill bench quality`")
+    for key, kind in (("teachers", dict), ("rows", list), ("seeds", list)):
+        if not isinstance(data.get(key), kind):
+            raise ConfigError(
+                f"{path}: not a results file of `fgdistill bench quality` "
+                f"(no '{key}' {kind.__name__})"
+            )
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict) or not isinstance(row.get("per_seed"), dict):
+            raise ConfigError(f"{path}: rows[{i}]: needs a 'name' and a 'per_seed' mapping")
+        if not isinstance(row.get("name"), str):
+            raise ConfigError(f"{path}: rows[{i}]: needs a 'name' and a 'per_seed' mapping")
+    return data
+
+
+def import_results(
+    files: Sequence[str | Path],
+    plan: BenchPlan,
+    teachers: Mapping[str, StageResult],
+    results: Mapping[str, Mapping[int, StageResult]],
+    *,
+    teacher_fps: Mapping[str, str],
+    stage_fps: Mapping[tuple[str, int], str],
+    say: Callable[[str], None] = logger.info,
+) -> Imported:
+    """Fill in the teachers and the row results this work dir lacks from earlier results files.
+
+    A result is taken only for a family, or a row and seed, of the plan that the work dir has
+    not finished; the work dir's own results always win, then the first file that has one.
+    Where a file recorded a stage's fingerprint it must equal the plan's. A file written
+    before fingerprints were recorded is checked by its teacher instead: its distilled rows
+    are taken only if its teacher of that family has the same metrics as the work dir's
+    teacher (retrained, say, on a new machine: CPU training repeats to the last digit on one
+    kind of machine); its undistilled rows, and distilled rows with no teacher of the work
+    dir to check against, by row name and seed alone. The notes say which check each took.
+
+    Raises:
+        ConfigError: naming the file, when it is not a results JSON of this benchmark.
+    """
+    merged_teachers = dict(teachers)
+    merged = {row.name: dict(results.get(row.name, {})) for row in plan.rows}
+    imported = Imported(merged_teachers, merged)
+    families = {row.family for row in plan.rows}
+    by_name = {row.name: row for row in plan.rows}
+    for file in files:
+        path = Path(file)
+        data = _read_results_file(path)
+        counts = {"fingerprint": 0, "teacher": 0, "name": 0}
+        skipped: list[str] = []
+        taken_teachers: list[str] = []
+        for fam, t in data["teachers"].items():
+            if fam not in families or fam in merged_teachers or not isinstance(t, dict):
+                continue
+            fp = str(t.get("fingerprint") or "")
+            if fp and fp != teacher_fps.get(fam):
+                skipped.append(f"teacher {fam} (other settings: fingerprint differs)")
+                continue
+            merged_teachers[fam] = StageResult(
+                name=f"teacher_{fam}",
+                model=str(t.get("model", "")),
+                metrics=dict(t.get("metrics") or {}),
+                wall_time_s=float(t.get("wall_time_s", float("nan"))),
+                iterations=int(t.get("iterations", 0)),
+                reused=True,
+                work_dir=str(t.get("work_dir", "")),
+                fingerprint=fp,
+                imported_from=str(path),
+            )
+            taken_teachers.append(fam)
+        first_seed = data["seeds"][0] if data["seeds"] else None
+        for entry in data["rows"]:
+            row = by_name.get(entry["name"])
+            if row is None:
+                continue
+            fps = entry.get("fingerprints") or {}
+            walls = entry.get("per_seed_wall_s") or {}
+            dirs = dict(zip(entry.get("seeds") or [], entry.get("work_dirs") or [], strict=False))
+            for key, metrics in entry["per_seed"].items():
+                seed = int(key)
+                if seed not in plan.seeds or seed in merged[row.name]:
+                    continue
+                fp = str(fps.get(key) or "")
+                label = f"{row.name} seed {seed}"
+                if fp:
+                    if fp != stage_fps.get((row.name, seed)):
+                        skipped.append(f"{label} (other settings: fingerprint differs)")
+                        continue
+                    check = "fingerprint"
+                elif row.config.distill is not None and row.family in teachers:
+                    theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
+                    if not _same_metrics(theirs, teachers[row.family].metrics):
+                        skipped.append(f"{label} (distilled from another teacher)")
+                        continue
+                    check = "teacher"
+                else:
+                    check = "name"
+                counts[check] += 1
+                merged[row.name][seed] = StageResult(
+                    name=row.name,
+                    model=str(entry.get("model", "")),
+                    metrics=dict(metrics),
+                    wall_time_s=float(walls.get(key, entry.get("wall_time_s", float("nan")))),
+                    iterations=int(entry.get("iterations", 0)),
+                    reused=True,
+                    work_dir=str(dirs.get(seed, "")),
+                    fingerprint=fp,
+                    imported_from=str(path),
+                )
+                mags = (data.get("loss_magnitudes") or {}).get(row.name)
+                if seed == plan.seeds[0] == first_seed and mags:
+                    imported.loss_magnitudes[row.name] = mags
+        for line in skipped:
+            say(f"import {path}: left out {line}")
+        taken = sum(counts.values())
+        note = (
+            f"from {path}: {taken} row result(s) of one seed"
+            + (f" and the {', '.join(taken_teachers)} teacher(s)" if taken_teachers else "")
+            + f"; checked by fingerprint {counts['fingerprint']}, by the teacher's metrics "
+            f"{counts['teacher']}, by row name and seed only {counts['name']}"
+            + (f"; left out {len(skipped)}" if skipped else "")
+        )
+        say(f"import {note}")
+        imported.notes.append(note)
+    return imported
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -464,8 +641,10 @@ _TABLE_HEAD = (
 def _table_line(row: Mapping[str, Any]) -> str:
     cells = [_cell(row["metrics"][m]) for m in METRICS]
     share = row["gap_share"]
+    n_imported = len(row.get("imported") or {})
+    seeds = f"{len(row['seeds'])}" + (f" ({n_imported} imported)" if n_imported else "")
     return (
-        f"| {row['name']} | {row['model']} | {len(row['seeds'])} | "
+        f"| {row['name']} | {row['model']} | {seeds} | "
         + " | ".join(cells)
         + f" | {_fmt(row['gain_AP'])} | "
         + ("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
@@ -488,13 +667,15 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         f"- seeds: {data['seeds']}; status: {data['status']}",
         f"- wall time of this invocation: {mmss(data['wall_time_s'])} "
         "(reused stages count their original time in the table, not here)",
+        *(f"- imported {note}" for note in data.get("imported") or []),
         "",
         *_TABLE_HEAD,
     ]
     for fam, t in data["teachers"].items():
         cells = [_fmt(t["metrics"].get(m, float("nan"))) for m in METRICS]
+        imported = " (imported)" if t.get("imported_from") else ""
         lines.append(
-            f"| teacher ({fam}) | {t['model']} | 1 | "
+            f"| teacher ({fam}) | {t['model']} | 1{imported} | "
             + " | ".join(cells)
             + f" | | | {mmss(t['wall_time_s'])} |"
         )
@@ -662,6 +843,7 @@ def run_quality_bench(
     report_only: bool = False,
     diagnostics: bool = False,
     jobs: int = 1,
+    merge_from: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Train (or reuse) the teachers and every row for every seed; write the results.
 
@@ -670,6 +852,8 @@ def run_quality_bench(
     the threads divided between them (progress bars off). With ``report_only`` nothing is trained:
     the results cover the finished runs only (e.g. of several invocations with different
     ``--seeds`` or ``--rows`` that shared the work dir), diagnostic rows included.
+    ``merge_from`` names earlier results JSON files whose results fill the gaps of the work dir
+    (:func:`import_results`; e.g. a published table whose work dir is on another machine).
 
     Returns the summary written to ``work_dir/results.json``.
     """
@@ -681,6 +865,8 @@ def run_quality_bench(
         raise ConfigError(f"--jobs: need at least 1, got {jobs}")
     tell = say or logger.info
     start = time.perf_counter()
+    for file in merge_from:  # a wrong file fails before anything trains
+        _read_results_file(Path(file))
     work = Path(work_dir)
     plan = load_bench_config(
         config,
@@ -736,6 +922,7 @@ def run_quality_bench(
                 upstream.append(teacher_fps[row.family])
             label = f"[{len(tasks) + 1}/{len(plan.rows) * len(plan.seeds)}] seed {seed} {row.name}"
             tasks.append(_Task(seed, row.name, cfg, upstream, label))
+    stage_fps = {(t.row, t.seed): stage_fingerprint(t.config, t.upstream) for t in tasks}
     done = 0
     summary: dict[str, Any] = {}
 
@@ -746,14 +933,24 @@ def run_quality_bench(
             results[task.row][task.seed] = result
         if report_only and done < len(tasks):
             return
+        merged = Imported(teachers, {k: dict(v) for k, v in results.items()})
+        if merge_from:
+            merged = import_results(
+                merge_from,
+                plan,
+                teachers,
+                results,
+                teacher_fps=teacher_fps,
+                stage_fps=stage_fps,
+                say=tell,
+            )
         summary = _write_results(
             work,
             plan,
-            teachers,
-            results,
+            merged,
             complete=done == len(tasks)
-            and all(len(v) == len(plan.seeds) for v in results.values())
-            and len(teachers) == len(families),
+            and all(len(v) == len(plan.seeds) for v in merged.results.values())
+            and len(merged.teachers) == len(families),
             wall=time.perf_counter() - start,
             command=command,
             results_file=results_file,
@@ -866,22 +1063,25 @@ def _print_line(line: str) -> None:
 def _write_results(
     work: Path,
     plan: BenchPlan,
-    teachers: Mapping[str, StageResult],
-    results: Mapping[str, Mapping[int, StageResult]],
+    merged: Imported,
     *,
     complete: bool,
     wall: float,
     command: str,
     results_file: str | Path | None,
 ) -> dict[str, Any]:
-    data = summarise(plan, teachers, results)
+    data = summarise(plan, merged.teachers, merged.results)
     first = plan.seeds[0]
     mags = {}
     for row in plan.rows:
-        res = results.get(row.name, {}).get(first)
-        if res is not None:
-            mag = _loss_magnitudes(Path(res.work_dir) / "log.jsonl")
-            if mag and (row.config.distill is not None):
+        res = merged.results.get(row.name, {}).get(first)
+        if res is not None and row.config.distill is not None:
+            mag = (
+                merged.loss_magnitudes.get(row.name)
+                if res.imported_from
+                else _loss_magnitudes(Path(res.work_dir) / "log.jsonl")
+            )
+            if mag:
                 mags[row.name] = mag
     data.update(
         {
@@ -893,6 +1093,7 @@ def _write_results(
             "status": "complete" if complete else "partial (rows still running or stopped)",
             "wall_time_s": wall,
             "synth": asdict(plan.synth),
+            "imported": merged.notes,
             "loss_magnitudes": mags,
         }
     )

@@ -39,6 +39,7 @@ __all__ = [
     "prepare_data",
     "read_stage",
     "run_stage",
+    "stage_fingerprint",
     "write_stage",
 ]
 
@@ -65,6 +66,10 @@ class StageResult:
     iterations: int
     reused: bool
     work_dir: str
+    #: the stage's fingerprint (empty where it is not known, e.g. an imported older result)
+    fingerprint: str = ""
+    #: the results file the result was read from; empty for a stage of this work dir
+    imported_from: str = ""
 
 
 def mmss(seconds: float) -> str:
@@ -175,6 +180,20 @@ def point_at_data(cfg: TrainConfig, data_dir: Path) -> None:
     cfg.data.val_images = "val"
 
 
+def stage_fingerprint(cfg: TrainConfig, upstream: Sequence[str]) -> str:
+    """The fingerprint of a training stage: ``cfg`` less its paths, and ``upstream``.
+
+    ``work_dir``, ``data.root`` and ``distill.teacher_checkpoint`` are left out, so a moved or
+    copied work dir keeps its fingerprints.
+    """
+    plain = config_to_dict(cfg)
+    plain.pop("work_dir")
+    plain["data"].pop("root")
+    if plain.get("distill"):
+        plain["distill"].pop("teacher_checkpoint")
+    return fingerprint(plain, list(upstream))
+
+
 def run_stage(
     cfg: TrainConfig,
     *,
@@ -198,12 +217,7 @@ def run_stage(
     Returns:
         ``(result, fingerprint)``; ``result`` is ``None`` only with ``reuse_only``.
     """
-    plain = config_to_dict(cfg)
-    plain.pop("work_dir")
-    plain["data"].pop("root")
-    if plain.get("distill"):
-        plain["distill"].pop("teacher_checkpoint")
-    fp = fingerprint(plain, list(upstream))
+    fp = stage_fingerprint(cfg, upstream)
     folder = Path(cfg.work_dir)
     stage = read_stage(folder)
     model = f"{cfg.model.arch} {cfg.model.backbone}"
@@ -220,6 +234,7 @@ def run_stage(
             iterations=int(metrics.get("iterations", 0)),
             reused=True,
             work_dir=str(folder),
+            fingerprint=fp,
         )
         return result, fp
     if reuse_only:
@@ -249,6 +264,7 @@ def run_stage(
         iterations=int(out.iterations),
         reused=False,
         work_dir=str(folder),
+        fingerprint=fp,
     )
     ap = result.metrics.get("AP", float("nan"))
     say(f"      {cfg.name}: bbox AP {ap:.2f} after {mmss(wall)}")
