@@ -527,9 +527,10 @@ def import_results(
     Where a file recorded a stage's fingerprint it must equal the plan's. A file written
     before fingerprints were recorded is checked by its teacher instead: its distilled rows
     are taken only if its teacher of that family has the same metrics as the work dir's
-    teacher (retrained, say, on a new machine: CPU training repeats to the last digit on one
-    kind of machine); its undistilled rows, and distilled rows with no teacher of the work
-    dir to check against, by row name and seed alone. The notes say which check each took.
+    teacher (retrained with the same settings on another machine, say: twelve COCO metrics
+    equal to 1e-9 mean the same model in practice, and a teacher that trained differently shows
+    it in them); its undistilled rows, and distilled rows with no teacher of the work dir to
+    check against, by row name and seed alone. The notes say which check each result took.
 
     Raises:
         ConfigError: naming the file, when it is not a results JSON of this benchmark.
