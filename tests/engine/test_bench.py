@@ -553,8 +553,15 @@ def test_merge_joins_an_earlier_work_dirs_results(
 
     assert main([*merged, "--merge", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: cannot read the results file" in capsys.readouterr().err
-    (tmp_path / "bad.json").write_text('{"rows": []}')
-    assert main([*merged, "--merge", str(tmp_path / "bad.json")]) == 2
-    assert "bad.json: not a results file of `fgdistill bench quality` (no 'teachers' dict)" in (
-        capsys.readouterr().err
-    )
+    bad = tmp_path / "bad.json"
+    for text, message in [
+        ('{"rows": []}', "not a results file of `fgdistill bench quality` (no 'teachers' dict)"),
+        ("[1, 2", "not a JSON file (line 1"),
+        (
+            '{"teachers": {}, "seeds": [0], "rows": [{"name": "fgd", "per_seed": {"x": {}}}]}',
+            "rows[0] (fgd): per_seed['x'] must map a seed to its metrics",
+        ),
+    ]:
+        bad.write_text(text)
+        assert main([*merged, "--merge", str(bad)]) == 2
+        assert f"bad.json: {message}" in capsys.readouterr().err

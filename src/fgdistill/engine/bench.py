@@ -503,10 +503,15 @@ def _read_results_file(path: Path) -> dict[str, Any]:
                 f"(no '{key}' {kind.__name__})"
             )
     for i, row in enumerate(data["rows"]):
-        if not isinstance(row, dict) or not isinstance(row.get("per_seed"), dict):
+        per_seed = row.get("per_seed") if isinstance(row, dict) else None
+        if not isinstance(per_seed, dict) or not isinstance(row.get("name"), str):
             raise ConfigError(f"{path}: rows[{i}]: needs a 'name' and a 'per_seed' mapping")
-        if not isinstance(row.get("name"), str):
-            raise ConfigError(f"{path}: rows[{i}]: needs a 'name' and a 'per_seed' mapping")
+        for key, metrics in per_seed.items():
+            if not str(key).lstrip("-").isdigit() or not isinstance(metrics, dict):
+                raise ConfigError(
+                    f"{path}: rows[{i}] ({row['name']}): per_seed['{key}'] must map a seed "
+                    "to its metrics"
+                )
     return data
 
 
