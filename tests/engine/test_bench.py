@@ -550,6 +550,15 @@ def test_merge_joins_an_earlier_work_dirs_results(
     assert fgd["per_seed"]["0"] == first_fgd["per_seed"]["0"]
     assert fgd["fingerprints"]["0"] == first_fgd["fingerprints"]["0"] != fgd["fingerprints"]["1"]
     assert "fgd" in data["loss_magnitudes"]  # seed 0's, carried over from the first file
+    # A work dir with nothing of its own: the table comes whole from the file, the pictures
+    # (which need the models) are skipped with a line that says why.
+    alone = [a for a in args if a != "--no-report"]
+    alone += ["--work-dir", str(tmp_path / "empty"), "--seeds", "0", "--report-only"]
+    assert main([*alone, "--merge", str(first / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher (retinanet) | retinanet resnet18 | 1 (imported) |" in out
+    assert "report.html skipped: its runs were imported" in out
+    assert not (tmp_path / "empty" / "report.html").exists()
 
     assert main([*merged, "--merge", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: cannot read the results file" in capsys.readouterr().err
