@@ -14,6 +14,7 @@ from fgdistill.engine.bench import (
     conclusions,
     import_results,
     load_bench_config,
+    read_results_file,
     render_markdown,
     summarise,
 )
@@ -482,7 +483,14 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
     old = _results_file(
         tmp_path / "old.json", 10.0, {"baseline": {0: 2.0, 1: 3.0}, "fgd": {0: 6.0, 1: 8.0, 2: 1.0}}
     )
-    got = import_results([old], plan, {"retinanet": teacher}, local, teacher_fps={}, stage_fps=fps)
+    got = import_results(
+        [(old, read_results_file(old))],
+        plan,
+        {"retinanet": teacher},
+        local,
+        teacher_fps={},
+        stage_fps=fps,
+    )
     assert {r: sorted(v) for r, v in got.results.items()} == {
         "baseline": [0, 1, 2],
         "fgd": [0, 1, 2],
@@ -508,7 +516,13 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
     other = _results_file(tmp_path / "other.json", 11.0, {"baseline": {0: 2.0}, "fgd": {0: 6.0}})
     lines: list[str] = []
     got = import_results(
-        [other], plan, {"retinanet": teacher}, {}, teacher_fps={}, stage_fps=fps, say=lines.append
+        [(other, read_results_file(other))],
+        plan,
+        {"retinanet": teacher},
+        {},
+        teacher_fps={},
+        stage_fps=fps,
+        say=lines.append,
     )
     assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
     assert f"import {other}: left out fgd seed 0 (distilled from another teacher)" in lines
@@ -520,7 +534,12 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
     data["teachers"]["retinanet"]["fingerprint"] = "fp-teacher"
     other.write_text(json.dumps(data))
     got = import_results(
-        [other], plan, {}, {}, teacher_fps={"retinanet": "fp-teacher"}, stage_fps=fps
+        [(other, read_results_file(other))],
+        plan,
+        {},
+        {},
+        teacher_fps={"retinanet": "fp-teacher"},
+        stage_fps=fps,
     )
     assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
     assert got.teachers["retinanet"].metrics == {"AP": 11.0}

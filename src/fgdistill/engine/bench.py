@@ -61,6 +61,7 @@ __all__ = [
     "Imported",
     "import_results",
     "load_bench_config",
+    "read_results_file",
     "run_quality_bench",
     "summarise",
 ]
@@ -486,8 +487,13 @@ def _same_metrics(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return True
 
 
-def _read_results_file(path: Path) -> dict[str, Any]:
-    """A results JSON written by this benchmark, checked for the keys the import reads."""
+def read_results_file(path: str | Path) -> dict[str, Any]:
+    """A results JSON written by this benchmark, checked for the keys the import reads.
+
+    Raises:
+        ConfigError: naming the file (and the row), when it cannot be read or is not one.
+    """
+    path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -516,7 +522,7 @@ def _read_results_file(path: Path) -> dict[str, Any]:
 
 
 def import_results(
-    files: Sequence[str | Path],
+    sources: Sequence[tuple[str | Path, Mapping[str, Any]]],
     plan: BenchPlan,
     teachers: Mapping[str, StageResult],
     results: Mapping[str, Mapping[int, StageResult]],
@@ -527,6 +533,9 @@ def import_results(
 ) -> Imported:
     """Fill in the teachers and the row results this work dir lacks from earlier results files.
 
+    ``sources`` are ``(path, contents)`` pairs, the contents as :func:`read_results_file` gives
+    them (read once: a run that rewrites such a file keeps merging what it held at the start).
+
     A result is taken only for a family, or a row and seed, of the plan that the work dir has
     not finished; the work dir's own results always win, then the first file that has one.
     Where a file recorded a stage's fingerprint it must equal the plan's. A file written
@@ -536,18 +545,14 @@ def import_results(
     equal to 1e-9 mean the same model in practice, and a teacher that trained differently shows
     it in them); its undistilled rows, and distilled rows with no teacher of the work dir to
     check against, by row name and seed alone. The notes say which check each result took.
-
-    Raises:
-        ConfigError: naming the file, when it is not a results JSON of this benchmark.
     """
     merged_teachers = dict(teachers)
     merged = {row.name: dict(results.get(row.name, {})) for row in plan.rows}
     imported = Imported(merged_teachers, merged)
     families = {row.family for row in plan.rows}
     by_name = {row.name: row for row in plan.rows}
-    for file in files:
+    for file, data in sources:
         path = Path(file)
-        data = _read_results_file(path)
         counts = {"fingerprint": 0, "teacher": 0, "name": 0}
         skipped: list[str] = []
         taken_teachers: list[str] = []
@@ -871,8 +876,9 @@ def run_quality_bench(
         raise ConfigError(f"--jobs: need at least 1, got {jobs}")
     tell = say or logger.info
     start = time.perf_counter()
-    for file in merge_from:  # a wrong file fails before anything trains
-        _read_results_file(Path(file))
+    # Read once, before anything trains (a wrong file fails first) or is written (the results
+    # file may be the one merged from).
+    sources = [(Path(f), read_results_file(f)) for f in merge_from]
     work = Path(work_dir)
     plan = load_bench_config(
         config,
@@ -942,7 +948,7 @@ def run_quality_bench(
         merged = Imported(teachers, {k: dict(v) for k, v in results.items()})
         if merge_from:
             merged = import_results(
-                merge_from,
+                sources,
                 plan,
                 teachers,
                 results,
