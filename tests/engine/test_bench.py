@@ -579,6 +579,18 @@ def test_merge_joins_an_earlier_work_dirs_results(
     assert "report.html skipped: its runs were imported" in out
     assert not (tmp_path / "empty" / "report.html").exists()
 
+    # Merged into the very file it is read from (the published table's case): the file is read
+    # before anything is written, so it ends with both seeds; merging again changes nothing.
+    pub = tmp_path / "pub.json"
+    pub.write_text((first / "results.json").read_text())
+    for _ in range(2):
+        assert main([*merged, "--merge", str(pub), "--results", str(tmp_path / "pub.md")]) == 0
+        rewritten = json.loads(pub.read_text())
+        again = next(r for r in rewritten["rows"] if r["name"] == "fgd")
+        assert again["per_seed"] == fgd["per_seed"]
+        assert "checked by fingerprint 2" in rewritten["imported"][0]
+    capsys.readouterr()
+
     assert main([*merged, "--merge", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: cannot read the results file" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
@@ -593,3 +605,7 @@ def test_merge_joins_an_earlier_work_dirs_results(
         bad.write_text(text)
         assert main([*merged, "--merge", str(bad)]) == 2
         assert f"bad.json: {message}" in capsys.readouterr().err
+
+    # While training, what the file gave is said once, at the end, not after every run.
+    assert main([*args, "--work-dir", str(first), "--seeds", "0", "1", "--merge", str(pub)]) == 0
+    assert capsys.readouterr().out.count(f"import from {pub}") == 1

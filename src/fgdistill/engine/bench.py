@@ -954,7 +954,8 @@ def run_quality_bench(
                 results,
                 teacher_fps=teacher_fps,
                 stage_fps=stage_fps,
-                say=tell,
+                # Said once, when the last run is recorded; the files record it every time.
+                say=tell if done == len(tasks) else _quiet,
             )
         summary = _write_results(
             work,
@@ -1042,6 +1043,10 @@ def _run_in_parallel(
             for future in futures:
                 future.cancel()
             raise
+
+
+def _quiet(line: str) -> None:
+    """A ``say`` that drops its line."""
 
 
 def _no_training(*args: Any, **kwargs: Any) -> Any:
