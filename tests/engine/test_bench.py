@@ -11,8 +11,6 @@ import pytest
 from fgdistill.cli.main import main
 from fgdistill.engine.bench import (
     NOTES_MARKER,
-    _cpu_name,
-    _machine,
     conclusions,
     import_results,
     load_bench_config,
@@ -611,13 +609,3 @@ def test_merge_joins_an_earlier_work_dirs_results(
     # While training, what the file gave is said once, at the end, not after every run.
     assert main([*args, "--work-dir", str(first), "--seeds", "0", "1", "--merge", str(pub)]) == 0
     assert capsys.readouterr().out.count(f"import from {pub}") == 1
-
-
-def test_the_machine_line_names_the_cpu_and_its_kernels(tmp_path: Path) -> None:
-    # Training repeats on one kind of CPU only, so the results file must say which one it was.
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU 9000\n")
-    assert _cpu_name(info) == "Example CPU 9000"
-    assert _cpu_name(tmp_path / "missing") != ""
-    line = _machine()
-    assert "torch CPU kernels " in line and "CPU(s), torch threads " in line

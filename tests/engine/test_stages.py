@@ -1,6 +1,12 @@
 from pathlib import Path
 
-from fgdistill.engine.stages import SynthSettings, prepare_data, read_stage
+from fgdistill.engine.stages import (
+    SynthSettings,
+    cpu_name,
+    machine_line,
+    prepare_data,
+    read_stage,
+)
 
 SMALL = SynthSettings(num_train=2, num_val=1, image_size=64, difficulty=0.0, seed=0)
 
@@ -26,3 +32,13 @@ def test_data_is_written_whole_or_reused(tmp_path: Path) -> None:
     fp3, _, reused = prepare_data(data, other, progress=False, say=said.append)
     assert not reused and fp3 != fp
     assert len(list((data / "train").glob("*.png"))) == 3
+
+
+def test_the_machine_line_names_the_cpu_and_its_kernels(tmp_path: Path) -> None:
+    # Training repeats on one kind of CPU only, so the results file must say which one it was.
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU 9000\n")
+    assert cpu_name(info) == "Example CPU 9000"
+    assert cpu_name(tmp_path / "missing") != ""
+    line = machine_line()
+    assert "torch CPU kernels " in line and "CPU(s), torch threads " in line

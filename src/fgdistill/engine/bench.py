@@ -24,7 +24,6 @@ import difflib
 import json
 import logging
 import math
-import platform
 import shlex
 import sys
 import time
@@ -44,6 +43,7 @@ from fgdistill.engine.config import (
 from fgdistill.engine.stages import (
     StageResult,
     SynthSettings,
+    machine_line,
     merge,
     mmss,
     point_at_data,
@@ -1103,7 +1103,7 @@ def _write_results(
     data.update(
         {
             "command": command,
-            "machine": _machine(),
+            "machine": machine_line(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seeds": plan.seeds,
             "status": "complete" if complete else "partial (rows still running or stopped)",
@@ -1140,38 +1140,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def _machine() -> str:
-    """Host, architecture, CPU model and torch's CPU kernels, cores and threads, in one line.
-
-    CPU training repeats to the last digit on one kind of CPU only, so the results say which.
-    """
-    import torch
-
-    kernels = torch.backends.cpu.get_cpu_capability()
-    return (
-        f"{platform.node()} {platform.machine()}, {_cpu_name()} (torch CPU kernels {kernels}), "
-        f"{_cpu_count()} CPU(s), torch threads {_threads()}"
-    )
-
-
-def _cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The first ``model name`` of ``cpuinfo`` (Linux), else :func:`platform.processor`."""
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _threads() -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from fgdistill.engine.config import (
 from fgdistill.engine.stages import (
     StageResult,
     SynthSettings,
+    machine_line,
     merge,
     mmss,
     point_at_data,
@@ -214,7 +214,7 @@ def _write_results(summary: DemoSummary) -> None:
     work = summary.work_dir
     data = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
+        "machine": machine_line(),
         "settings": summary.settings,
         "rows": [asdict(r) for r in summary.rows],
         "data_time_s": round(summary.data_time_s, 2),

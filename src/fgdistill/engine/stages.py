@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,9 @@ TRAINING_CHECKPOINTS: tuple[str, ...] = ("last.pt", "best.pt")
 __all__ = [
     "StageResult",
     "SynthSettings",
+    "cpu_name",
     "fingerprint",
+    "machine_line",
     "merge",
     "mmss",
     "point_at_data",
@@ -300,3 +303,30 @@ def _with_file_progress(
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def machine_line() -> str:
+    """Host, architecture, CPU model and torch's CPU kernels, cores and threads, in one line.
+
+    CPU training repeats to the last digit on one kind of CPU only, so results files say which.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{platform.node()} {platform.machine()}, {cpu_name()} "
+        f"(torch CPU kernels {torch.backends.cpu.get_cpu_capability()}), "
+        f"{cores or 1} CPU(s), torch threads {torch.get_num_threads()}"
+    )
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The first ``model name`` of ``cpuinfo`` (Linux), else :func:`platform.processor`."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
