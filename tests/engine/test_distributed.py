@@ -50,6 +50,36 @@ def test_single_process_helpers() -> None:
     du.barrier()  # no-op without a process group
 
 
+def test_collectives_use_the_backends_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert du.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(du, "is_distributed", lambda: True)
+    monkeypatch.setattr(du, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    # NCCL reduces CUDA tensors only: a CPU tensor fails there at the first log line
+    assert du.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "gloo")
+    assert du.collective_device() == torch.device("cpu")
+
+    seen: list[torch.Tensor] = []
+
+    def fake_all_reduce(t: torch.Tensor) -> None:
+        seen.append(t)
+        t *= 2  # the other rank sent the same values
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    asked: list[str] = []
+
+    def device() -> torch.device:
+        asked.append("device")
+        return torch.device("cpu")
+
+    monkeypatch.setattr(du, "collective_device", device)
+    assert du.reduce_mean({"b": 3.0, "a": 1.0}) == {"a": 1.0, "b": 3.0}
+    assert asked == ["device"]  # the tensor is made where the backend reduces
+    assert len(seen) == 1 and seen[0].dtype == torch.float64
+
+
 @pytest.mark.slow
 def test_two_process_gloo_training_and_gathered_eval(
     synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

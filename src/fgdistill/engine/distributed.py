@@ -27,11 +27,14 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "collective_device",
     "get_rank",
     "get_world_size",
     "init_from_env",
     "is_distributed",
     "is_main",
+    "reduce_mean",
+    "unwrap",
     "wrap_ddp",
 ]
 
@@ -152,7 +155,17 @@ def reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if not is_distributed() or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     t /= get_world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def collective_device() -> torch.device:
+    """The device a tensor must be on for the process group's collectives.
+
+    NCCL reduces CUDA tensors only (this rank's current device); gloo reduces CPU tensors.
+    """
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
