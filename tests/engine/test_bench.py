@@ -476,13 +476,24 @@ def _results_file(path: Path, teacher_ap: float, rows: dict[str, dict[int, float
 
 
 def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> None:
-    plan = load_bench_config(PACKAGED, rows=["baseline", "fgd"], seeds=[0, 1, 2])
+    plan = load_bench_config(PACKAGED, rows=["baseline", "fgd_no_inherit", "fgd"], seeds=[0, 1, 2])
     teacher = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
-    local = {"baseline": {2: _result("baseline", 2.5, 2)}, "fgd": {2: _result("fgd", 7.0, 2)}}
-    fps = {(r, s): f"fp-{r}-{s}" for r in ("baseline", "fgd") for s in (0, 1, 2)}
+    local = {
+        "baseline": {2: _result("baseline", 2.5, 2)},
+        "fgd_no_inherit": {2: _result("fgd_no_inherit", 7.0, 2)},
+    }
+    rows = ("baseline", "fgd_no_inherit", "fgd")
+    fps = {(r, s): f"fp-{r}-{s}" for r in rows for s in (0, 1, 2)}
     old = _results_file(
-        tmp_path / "old.json", 10.0, {"baseline": {0: 2.0, 1: 3.0}, "fgd": {0: 6.0, 1: 8.0, 2: 1.0}}
+        tmp_path / "old.json",
+        10.0,
+        {
+            "baseline": {0: 2.0, 1: 3.0},
+            "fgd_no_inherit": {0: 6.0, 1: 8.0, 2: 1.0},
+            "fgd": {0: 9.0},
+        },
     )
+    lines: list[str] = []
     got = import_results(
         [(old, read_results_file(old))],
         plan,
@@ -490,31 +501,40 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
         local,
         teacher_fps={},
         stage_fps=fps,
+        say=lines.append,
     )
     assert {r: sorted(v) for r, v in got.results.items()} == {
         "baseline": [0, 1, 2],
-        "fgd": [0, 1, 2],
+        "fgd_no_inherit": [0, 1, 2],
+        "fgd": [],
     }
-    assert got.results["fgd"][2].metrics["AP"] == 7.0  # the work dir's own result wins
-    assert got.results["fgd"][0].imported_from == str(old)
-    assert got.results["fgd"][0].work_dir == "/elsewhere/seed0/fgd"
-    assert "fgd" in got.loss_magnitudes  # its first seed came from the file
+    # a file older than fingerprints is older than the current inheriting rule
+    assert (
+        f"import {old}: left out fgd seed 0 (inherited by an older rule, before fingerprints)"
+        in (lines)
+    )
+    fni = got.results["fgd_no_inherit"]
+    assert fni[2].metrics["AP"] == 7.0  # the work dir's own result wins
+    assert fni[0].imported_from == str(old)
+    assert fni[0].work_dir == "/elsewhere/seed0/fgd_no_inherit"
     assert got.notes == [
         f"from {old}: 4 row result(s) of one seed; checked by fingerprint 0, by the teacher's "
-        "metrics 2, by row name and seed only 2"
+        "metrics 2, by row name and seed only 2; left out 1"
     ]
-    assert local["fgd"].keys() == {2}  # the caller's results are not changed
+    assert local["fgd_no_inherit"].keys() == {2}  # the caller's results are not changed
     data = summarise(plan, got.teachers, got.results)
-    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
-    assert fgd["metrics"]["AP"]["mean"] == pytest.approx(7.0)
-    assert fgd["imported"] == {"0": str(old), "1": str(old)}
-    assert "| fgd | retinanet resnet18 | 3 (2 imported) | 7.00 ± 1.00" in render_markdown(
-        {**data, **_RUN_INFO, "conclusions": []}
+    row = next(r for r in data["rows"] if r["name"] == "fgd_no_inherit")
+    assert row["metrics"]["AP"]["mean"] == pytest.approx(7.0)
+    assert row["imported"] == {"0": str(old), "1": str(old)}
+    assert "| fgd_no_inherit | retinanet resnet18 | 3 (2 imported) | 7.00 ± 1.00" in (
+        render_markdown({**data, **_RUN_INFO, "conclusions": []})
     )
 
     # Distilled from another teacher: the distilled rows are left out, the baseline is taken.
-    other = _results_file(tmp_path / "other.json", 11.0, {"baseline": {0: 2.0}, "fgd": {0: 6.0}})
-    lines: list[str] = []
+    other = _results_file(
+        tmp_path / "other.json", 11.0, {"baseline": {0: 2.0}, "fgd_no_inherit": {0: 6.0}}
+    )
+    lines = []
     got = import_results(
         [(other, read_results_file(other))],
         plan,
@@ -524,8 +544,10 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
         stage_fps=fps,
         say=lines.append,
     )
-    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
-    assert f"import {other}: left out fgd seed 0 (distilled from another teacher)" in lines
+    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd_no_inherit"]
+    assert f"import {other}: left out fgd_no_inherit seed 0 (distilled from another teacher)" in (
+        lines
+    )
 
     # Recorded fingerprints must match the plan's; the file's teacher fills a missing one.
     data = json.loads(other.read_text())
@@ -541,7 +563,7 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
         teacher_fps={"retinanet": "fp-teacher"},
         stage_fps=fps,
     )
-    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
+    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd_no_inherit"]
     assert got.teachers["retinanet"].metrics == {"AP": 11.0}
     assert "checked by fingerprint 1" in got.notes[0] and "left out 1" in got.notes[0]
 

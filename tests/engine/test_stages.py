@@ -1,11 +1,15 @@
 from pathlib import Path
 
+import pytest
+
+from fgdistill.engine.config import DistillConfig, TrainConfig
 from fgdistill.engine.stages import (
     SynthSettings,
     cpu_name,
     machine_line,
     prepare_data,
     read_stage,
+    stage_fingerprint,
 )
 
 SMALL = SynthSettings(num_train=2, num_val=1, image_size=64, difficulty=0.0, seed=0)
@@ -42,3 +46,18 @@ def test_the_machine_line_names_the_cpu_and_its_kernels(tmp_path: Path) -> None:
     assert cpu_name(tmp_path / "missing") != ""
     line = machine_line()
     assert "torch CPU kernels " in line and "CPU(s), torch threads " in line
+
+
+def test_an_inheriting_stage_is_fingerprinted_with_what_it_inherits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fgdistill.models import distiller
+
+    cfg = TrainConfig(distill=DistillConfig(teacher_checkpoint="t.pt", inherit_teacher=True))
+    plain = TrainConfig(distill=DistillConfig(teacher_checkpoint="t.pt"))
+    before, before_plain = stage_fingerprint(cfg, ["up"]), stage_fingerprint(plain, ["up"])
+    monkeypatch.setattr(distiller, "INHERIT_PREFIXES", ("head.",))
+    # another inheriting rule: results made under the old one are neither reused nor merged
+    assert stage_fingerprint(cfg, ["up"]) != before
+    assert stage_fingerprint(plain, ["up"]) == before_plain
+    assert stage_fingerprint(cfg, ["other"]) != stage_fingerprint(cfg, ["up"])

@@ -16,6 +16,7 @@ from fgdistill.models import (
     Distiller,
     LevelInfo,
     build_detector,
+    inherit_weights,
     load_state_dict_checked,
     model_spec,
 )
@@ -336,6 +337,18 @@ def test_inheriting_copies_neck_and_heads_and_leaves_the_backbone() -> None:
     assert "copied" in report.describe() and "another shape" in report.describe()
     without = Distiller(detector("retinanet"), teacher)
     assert without.inherit_report is None
+
+
+def test_inheriting_reppoints_takes_the_learned_moment_transfer() -> None:
+    student = detector("reppoints")
+    teacher = detector("reppoints", seed=1, backbone="resnet34")
+    with torch.no_grad():
+        teacher.moment_transfer.copy_(torch.tensor([0.25, -0.5]))
+    report = inherit_weights(student, teacher)
+    # the head's points were trained against the teacher's box scale: it comes along
+    assert "moment_transfer" in report.copied
+    torch.testing.assert_close(student.moment_transfer.detach(), torch.tensor([0.25, -0.5]))
+    assert not any(k.startswith("backbone.body.") for k in report.copied)
 
 
 def test_student_state_dict_rebuilds_as_a_plain_detector() -> None:

@@ -540,11 +540,13 @@ def import_results(
     not finished; the work dir's own results always win, then the first file that has one.
     Where a file recorded a stage's fingerprint it must equal the plan's. A file written
     before fingerprints were recorded is checked by its teacher instead: its distilled rows
-    are taken only if its teacher of that family has the same metrics as the work dir's
-    teacher (retrained with the same settings on another machine, say: twelve COCO metrics
-    equal to 1e-9 mean the same model in practice, and a teacher that trained differently shows
-    it in them); its undistilled rows, and distilled rows with no teacher of the work dir to
-    check against, by row name and seed alone. The notes say which check each result took.
+    that inherit are never taken (they predate the current inheriting rule, which inheriting
+    stages' fingerprints now hold); its other distilled rows are taken only if its teacher of
+    that family has the same metrics as the work dir's teacher (retrained with the same
+    settings on another machine, say: twelve COCO metrics equal to 1e-9 mean the same model in
+    practice, and a teacher that trained differently shows it in them); its undistilled rows,
+    and distilled rows with no teacher of the work dir to check against, by row name and seed
+    alone. The notes say which check each result took.
     """
     merged_teachers = dict(teachers)
     merged = {row.name: dict(results.get(row.name, {})) for row in plan.rows}
@@ -594,6 +596,11 @@ def import_results(
                         skipped.append(f"{label} (other settings: fingerprint differs)")
                         continue
                     check = "fingerprint"
+                elif row.config.distill is not None and row.config.distill.inherit_teacher:
+                    # older than fingerprints, so older than RepPoints' moment transfer being
+                    # inherited (2026-12-02): not pooled with seeds inherited the current way
+                    skipped.append(f"{label} (inherited by an older rule, before fingerprints)")
+                    continue
                 elif row.config.distill is not None and row.family in teachers:
                     theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
                     if not _same_metrics(theirs, teachers[row.family].metrics):

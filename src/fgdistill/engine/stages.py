@@ -187,13 +187,19 @@ def stage_fingerprint(cfg: TrainConfig, upstream: Sequence[str]) -> str:
     """The fingerprint of a training stage: ``cfg`` less its paths, and ``upstream``.
 
     ``work_dir``, ``data.root`` and ``distill.teacher_checkpoint`` are left out, so a moved or
-    copied work dir keeps its fingerprints.
+    copied work dir keeps its fingerprints. A stage that inherits the teacher's weights also
+    takes in what is inherited (:data:`~fgdistill.models.distiller.INHERIT_PREFIXES`), so a
+    change of that rule does not reuse or merge results made under the old one.
     """
+    from fgdistill.models.distiller import INHERIT_PREFIXES
+
     plain = config_to_dict(cfg)
     plain.pop("work_dir")
     plain["data"].pop("root")
     if plain.get("distill"):
         plain["distill"].pop("teacher_checkpoint")
+        if plain["distill"].get("inherit_teacher"):
+            plain["distill"]["inherited"] = list(INHERIT_PREFIXES)
     return fingerprint(plain, list(upstream))
 
 

@@ -52,10 +52,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: State-dict prefixes of the parts copied by ``inherit_teacher=True``: the FPN (neck) and the
-#: heads of one-stage (``head``) and two-stage (``rpn``, ``roi_heads``) detectors. The backbone
-#: body is never copied.
-INHERIT_PREFIXES: tuple[str, ...] = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
+#: State-dict prefixes of the parts copied by ``inherit_teacher=True``: the FPN (neck), the
+#: heads of one-stage (``head``) and two-stage (``rpn``, ``roi_heads``) detectors, and RepPoints'
+#: learned moment transfer, which the head's points are trained against (it is part of the head
+#: in mmdetection, whose students inherit everything but the backbone). The backbone body is
+#: never copied.
+INHERIT_PREFIXES: tuple[str, ...] = (
+    "backbone.fpn.",
+    "head.",
+    "rpn.",
+    "roi_heads.",
+    "moment_transfer",
+)
 
 _LEVEL_RE = re.compile(r"p[1-9]\d*")
 
