@@ -162,6 +162,15 @@ def test_predict_command(
     assert "outputs in" in capsys.readouterr().out
 
 
+def test_predict_refuses_a_threshold_that_is_not_a_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "x.png", "--set"]
+    assert main([*args, "score_threshold=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--set score_threshold: expected a number, got 'abc'" in err and "Traceback" not in err
+
+
 def test_bad_config_unknown_key(
     synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -57,12 +57,27 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
             r"distill\.normalize: expected one of none, teacher_rms",
         ),
         ({"data": {"batch_size": 0}}, r"data\.batch_size: must be positive"),
+        ({"data": {"num_workers": -1}}, r"data\.num_workers: must be >= 0, got -1"),
+        ({"data": {"flip_prob": 1.5}}, r"data\.flip_prob: must be between 0 and 1"),
+        ({"optim": {"momentum": -0.1}}, r"optim\.momentum: must be >= 0"),
+        ({"optim": {"grad_clip": 0}}, r"optim\.grad_clip: must be positive"),
+        ({"max_iters": 0}, r"^max_iters: must be positive"),
+        (
+            {"distill": {"teacher": {"fpn_channels": 0}}},
+            r"distill\.teacher\.fpn_channels: must be positive",
+        ),
+        ({"distill": {"fgd_weight_scale": -1}}, r"distill\.fgd_weight_scale: must be >= 0"),
         ({"optim": {"milestones": [22, 16]}}, r"optim\.milestones: must be increasing"),
     ],
 )
 def test_wrong_types_name_the_key_and_expected_type(data: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         config_from_dict(data)
+
+
+def test_optional_bounded_fields_take_null() -> None:
+    cfg = config_from_dict({"optim": {"grad_clip": None}, "max_iters": None})
+    assert cfg.optim.grad_clip is None and cfg.max_iters is None
 
 
 def test_ints_are_accepted_for_floats_and_yaml_exponents_without_dot() -> None:

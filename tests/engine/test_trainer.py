@@ -165,6 +165,18 @@ def test_resume_gives_the_same_weights(tmp_path: Path, stop_at: int) -> None:
     assert iters == sorted(set(iters))
 
 
+def test_resuming_with_other_parameters_names_the_optimizer(tmp_path: Path) -> None:
+    first, _, _ = make_trainer(tmp_path, max_iters=2)
+    first.train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    # e.g. model.trainable_layers changed: the optimizer has another number of parameters
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    resumed, _, _ = make_trainer(tmp_path)
+    resumed.optimizer = other
+    with pytest.raises(CheckpointError, match=r"resume: the checkpoint's optimizer state"):
+        resumed.load_state_dict(ckpt)
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
     trainer, _, _ = make_trainer(tmp_path, bad_at=5)
     with pytest.raises(NonFiniteLossError, match=r"iteration 5.*bbox_regression=nan"):

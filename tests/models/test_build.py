@@ -131,12 +131,23 @@ def test_other_backbones() -> None:
         ({"head_norm": "batch"}, "head_norm"),
         ({"arch": "fcos", "anchor_sizes": [8, 16, 32, 64, 128]}, "anchor_sizes"),
         ({"anchor_sizes": [8, 16]}, "5"),
+        # torchvision would hand a misspelt keyword to its transform, which ignores it
+        ({"scor_thresh": 0.1}, r"retinanet: unknown option\(s\) 'scor_thresh'.*score_thresh"),
+        ({"arch": "reppoints", "point_scale": 1}, "unknown option.*'point_scale'"),
+        ({"arch": "mask_rcnn", "rpn_head": None}, "unknown option.*'rpn_head'"),
     ],
 )
 def test_bad_options(kwargs: dict[str, Any], match: str) -> None:
     args = {"arch": "retinanet", **TINY, **kwargs}
     with pytest.raises(ConfigError, match=match):
         build_detector(**args)
+
+
+def test_detector_options_reach_the_detector() -> None:
+    fcos = build_detector("fcos", **TINY, score_thresh=0.3, size_divisible=16)
+    assert fcos.score_thresh == 0.3 and fcos.transform.size_divisible == 16
+    rcnn = build_detector("faster_rcnn", **TINY, box_detections_per_img=7)
+    assert rcnn.roi_heads.detections_per_img == 7
 
 
 def test_reppoints_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from fgdistill.errors import FgdistillError
@@ -29,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fgdistill",
         description="Focal and Global Distillation (FGD) for torchvision object detectors.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log debug messages, and show the traceback of an unexpected error",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -40,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code.
 
     User errors (:class:`~fgdistill.errors.FgdistillError`, missing files) print one line on
-    stderr and exit with code 2, never a bare traceback.
+    stderr and exit with code 2, never a bare traceback. Any other error is unexpected (a bug,
+    or a failure of the system): it prints its type and message and exits with code 1, and
+    with ``-v`` its traceback too.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,11 +62,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (FgdistillError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last resort: no bare traceback unless asked for
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(exc).__name__}: {user_message(exc)}\n"
+            "(not an input error fgdistill knows of: run again with -v for the traceback, "
+            "and report it if it looks like a bug)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker, the worker's own.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback as its message;
+    the original message is the text after the traceback's last line's ``module.Type: ``.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        cls = type(exc)
+        name = (
+            cls.__qualname__
+            if cls.__module__ == "builtins"
+            else f"{cls.__module__}.{cls.__qualname__}"
+        )
+        at = text.rfind(f"\n{name}: ")
+        if at >= 0:
+            return text[at + len(name) + 3 :].strip()
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

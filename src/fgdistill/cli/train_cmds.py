@@ -229,6 +229,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for text in args.overrides:
         keys, value = parse_override(text)
         if keys[0] == "score_threshold" and len(keys) == 1:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"--set score_threshold: expected a number, got {value!r}")
             args.score_threshold = float(value)
         else:
             raise ConfigError(

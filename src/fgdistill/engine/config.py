@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -195,10 +195,21 @@ _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
 }
 
 _POSITIVE: dict[type, tuple[str, ...]] = {
+    ModelConfig: ("fpn_channels", "min_size", "max_size"),
     DataConfig: ("batch_size", "eval_batch_size"),
-    OptimConfig: ("lr", "base_batch_size", "epochs"),
-    TrainConfig: ("log_interval",),
+    OptimConfig: ("lr", "base_batch_size", "epochs", "gamma", "grad_clip"),
+    TrainConfig: ("log_interval", "max_iters"),
 }
+
+_NON_NEGATIVE: dict[type, tuple[str, ...]] = {
+    DataConfig: ("num_workers",),
+    OptimConfig: ("momentum", "weight_decay", "warmup_iters", "warmup_factor"),
+    DistillConfig: ("fgd_weight_scale", "fgd_warmup_iters"),
+    TrainConfig: ("eval_interval", "checkpoint_interval", "checkpoint_iters"),
+}
+
+#: fields that are fractions, 0 to 1 inclusive
+_FRACTION: dict[type, tuple[str, ...]] = {DataConfig: ("flip_prob",), OptimConfig: ("momentum",)}
 
 
 def _type_name(tp: Any) -> str:
@@ -305,10 +316,17 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"{dotted}: unknown key{hint}")
         kwargs[key] = _convert(value, hints[key], dotted)
     obj = cls(**kwargs)
-    for name in _POSITIVE.get(cls, ()):
-        if getattr(obj, name) <= 0:
-            dotted = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"{dotted}: must be positive, got {getattr(obj, name)!r}")
+    checks: list[tuple[dict[type, tuple[str, ...]], Callable[[float], bool], str]] = [
+        (_POSITIVE, lambda v: v > 0, "must be positive"),
+        (_NON_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
+        (_FRACTION, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    ]
+    for table, ok, rule in checks:
+        for name in table.get(cls, ()):
+            value = getattr(obj, name)
+            if value is not None and not ok(value):
+                dotted = f"{prefix}.{name}" if prefix else name
+                raise ConfigError(f"{dotted}: {rule}, got {value!r}")
     for (owner, name), choices in _CHOICES.items():
         if owner is cls and getattr(obj, name) not in choices:
             dotted = f"{prefix}.{name}" if prefix else name

@@ -228,8 +228,17 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
             f"distill.level_hparams: level(s) {unknown_levels} are not distilled; "
             f"levels are {list(levels)}"
         )
-    base = dataclasses.replace(base, **dc.hparams)
-    return {lv: dataclasses.replace(base, **dc.level_hparams.get(lv, {})) for lv in levels}
+    try:
+        base = dataclasses.replace(base, **dc.hparams)
+    except ValueError as exc:
+        raise ConfigError(f"distill.hparams: {exc}") from None
+    out = {}
+    for lv in levels:
+        try:
+            out[lv] = dataclasses.replace(base, **dc.level_hparams.get(lv, {}))
+        except ValueError as exc:
+            raise ConfigError(f"distill.level_hparams.{lv}: {exc}") from None
+    return out
 
 
 def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> nn.Module:

@@ -38,7 +38,7 @@ from fgdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fgdistill.errors import FgdistillError
+from fgdistill.errors import CheckpointError, FgdistillError
 
 __all__ = [
     "CheckpointHook",
@@ -303,7 +303,13 @@ class Trainer:
         self.epoch_iter = int(state["epoch_iter"])
         self.best_metric = state.get("best_metric")
         self.elapsed_before = float(state.get("elapsed", 0.0))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"resume: the checkpoint's optimizer state does not fit this run's parameters "
+                f"({exc}); was model.trainable_layers, the model or the optimizer changed?"
+            ) from None
         if self.amp and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self._resume_rng = state.get("rng")

@@ -12,6 +12,7 @@ are read with ``torch.load(..., weights_only=True)`` only.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import pickle
@@ -432,6 +433,7 @@ def build_detector(
         raise ConfigError(f"head_norm must be None or 'group', got {head_norm!r}")
     if anchor_sizes is not None and arch not in ("retinanet", "faster_rcnn", "mask_rcnn"):
         raise ConfigError(f"anchor_sizes is not an option of {arch}")
+    _check_options(arch, detector_kwargs)
     pretrained = weights is not None or weights_backbone is not None
     if trainable_layers is None:
         trainable_layers = (6 if backbone == "mobilenet_v3_large" else 5) if not pretrained else 3
@@ -452,48 +454,9 @@ def build_detector(
         weights_backbone=weights_backbone if weights is None else None,
     )
     sizes: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
-    model: nn.Module
-    if arch == "retinanet":
-        anchors = _retinanet_anchors(anchor_sizes)
-        norm = _group_norm if head_norm == "group" else None
-        head = RetinaNetHead(
-            fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm
-        )
-        model = RetinaNet(
-            body, num_classes, anchor_generator=anchors, head=head, **sizes, **detector_kwargs
-        )
-    elif arch == "fcos":
-        # torchvision's FCOS head uses GroupNorm(32, C); when 32 does not divide C, build the
-        # head on 32 channels and replace both branches with ones of a group count that does.
-        head = FCOSHead(fpn_channels if fpn_channels % 32 == 0 else 32, 1, num_classes)
-        if fpn_channels % 32:
-            head.classification_head = FCOSClassificationHead(
-                fpn_channels, 1, num_classes, norm_layer=_group_norm
-            )
-            head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=_group_norm)
-        model = FCOS(body, num_classes, head=head, **sizes, **detector_kwargs)
-    elif arch in ("faster_rcnn", "mask_rcnn"):
-        anchors = _rpn_anchors(anchor_sizes)
-        rcnn: dict[str, Any] = {
-            "rpn_anchor_generator": anchors,
-            "rpn_head": RPNHead(
-                fpn_channels,
-                anchors.num_anchors_per_location()[0],
-                conv_depth=2 if head_norm else 1,
-            ),
-        }
-        if head_norm == "group":
-            rcnn["box_head"] = FastRCNNConvFCHead(
-                (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=_group_norm
-            )
-            if arch == "mask_rcnn":
-                rcnn["mask_head"] = MaskRCNNHeads(
-                    fpn_channels, [256] * 4, 1, norm_layer=_group_norm
-                )
-        cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
-        model = cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)
-    else:
-        model = _reppoints(body, num_classes, **sizes, **detector_kwargs)
+    model = _assemble(
+        arch, body, num_classes, fpn_channels, head_norm, anchor_sizes, sizes, detector_kwargs
+    )
 
     if weights is not None:
         state, source = load_weights(weights)
@@ -519,6 +482,92 @@ def build_detector(
     setattr(model, SPEC_ATTR, spec)
     logger.debug("built %s", spec)
     return model
+
+
+def _check_options(arch: str, options: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a keyword the detector class of ``arch`` does not take.
+
+    torchvision's detectors pass unknown keywords on to their transform, which ignores them, so
+    a misspelt option (``scor_thresh``) would otherwise change nothing, silently.
+    """
+    if not options:
+        return
+    if arch == "reppoints":
+        from fgdistill.models.reppoints import RepPoints
+
+        cls: type = RepPoints
+    else:
+        cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}.get(arch, MaskRCNN)
+    named = [
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    # set by build_detector itself (anchors and heads come from its own arguments)
+    ours = {"self", "backbone", "num_classes", "min_size", "max_size", "head", "anchor_generator"}
+    ours |= {"rpn_anchor_generator", "rpn_head"}
+    valid = {p.name for p in named} - ours
+    if arch != "reppoints":  # the rest reach GeneralizedRCNNTransform
+        valid |= {"size_divisible", "fixed_size"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(
+            f"{arch}: unknown option(s) {', '.join(map(repr, unknown))} (model.extra); "
+            f"valid options: {', '.join(sorted(valid))}"
+        )
+
+
+def _assemble(
+    arch: str,
+    body: nn.Module,
+    num_classes: int,
+    fpn_channels: int,
+    head_norm: str | None,
+    anchor_sizes: Sequence[int] | None,
+    sizes: dict[str, Any],
+    detector_kwargs: dict[str, Any],
+) -> nn.Module:
+    """The detector of ``arch`` on the FPN backbone ``body``, with its heads."""
+    if arch == "retinanet":
+        anchors = _retinanet_anchors(anchor_sizes)
+        norm = _group_norm if head_norm == "group" else None
+        head = RetinaNetHead(
+            fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm
+        )
+        return RetinaNet(
+            body, num_classes, anchor_generator=anchors, head=head, **sizes, **detector_kwargs
+        )
+    if arch == "fcos":
+        # torchvision's FCOS head uses GroupNorm(32, C); when 32 does not divide C, build the
+        # head on 32 channels and replace both branches with ones of a group count that does.
+        head = FCOSHead(fpn_channels if fpn_channels % 32 == 0 else 32, 1, num_classes)
+        if fpn_channels % 32:
+            head.classification_head = FCOSClassificationHead(
+                fpn_channels, 1, num_classes, norm_layer=_group_norm
+            )
+            head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=_group_norm)
+        return FCOS(body, num_classes, head=head, **sizes, **detector_kwargs)
+    if arch in ("faster_rcnn", "mask_rcnn"):
+        anchors = _rpn_anchors(anchor_sizes)
+        rcnn: dict[str, Any] = {
+            "rpn_anchor_generator": anchors,
+            "rpn_head": RPNHead(
+                fpn_channels,
+                anchors.num_anchors_per_location()[0],
+                conv_depth=2 if head_norm else 1,
+            ),
+        }
+        if head_norm == "group":
+            rcnn["box_head"] = FastRCNNConvFCHead(
+                (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=_group_norm
+            )
+            if arch == "mask_rcnn":
+                rcnn["mask_head"] = MaskRCNNHeads(
+                    fpn_channels, [256] * 4, 1, norm_layer=_group_norm
+                )
+        cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+        return cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)
+    return _reppoints(body, num_classes, **sizes, **detector_kwargs)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any] | None:

@@ -1,0 +1,71 @@
+"""The command line's last line of defence: every error ends in one message, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+from torch._utils import ExceptionWrapper
+
+from fgdistill.cli import data_cmds
+from fgdistill.cli.main import main, user_message
+from fgdistill.errors import DataError
+
+
+def _from_worker(exc: Exception) -> Exception:
+    """``exc`` as PyTorch's DataLoader re-raises it in the main process."""
+    try:
+        raise exc
+    except Exception:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapper.reraise()
+    except Exception as again:
+        return again
+    raise AssertionError("reraise did not raise")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        DataError("instances_train.json: image 12 (000012.png): file not found"),
+        FileNotFoundError("train/000012.png"),
+        DataError("two lines:\nthe second"),
+    ],
+)
+def test_a_worker_error_keeps_its_own_message(exc: Exception) -> None:
+    again = _from_worker(exc)
+    assert type(again) is type(exc)
+    assert "Traceback" in str(again)  # what PyTorch makes of it
+    assert user_message(again) == str(exc)
+
+
+def test_a_plain_error_is_its_message() -> None:
+    assert user_message(DataError("x.json: bad")) == "x.json: bad"
+
+
+def test_an_unexpected_error_is_one_message_and_a_traceback_only_with_v(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(data_cmds, "generate_synthetic", broken)
+    assert main(["synth", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "error: unexpected RuntimeError: boom" in err and "run again with -v" in err
+    assert "Traceback" not in err
+    assert main(["-v", "synth", str(tmp_path / "s")]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_worker_error_in_the_cli_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> NoReturn:
+        raise _from_worker(DataError("val.json: image 3: not an image"))
+
+    monkeypatch.setattr(data_cmds, "generate_synthetic", broken)
+    assert main(["synth", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == "error: val.json: image 3: not an image\n"
