@@ -27,3 +27,7 @@ class CheckpointError(FgdistillError):
 
 class CompatibilityError(FgdistillError):
     """A teacher and a student cannot be paired for distillation."""
+
+
+class NonFiniteError(FgdistillError):
+    """A feature map or a loss became NaN or infinite: training diverged, or the input is bad."""

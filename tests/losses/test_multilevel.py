@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from fgdistill.errors import NonFiniteError
 from fgdistill.losses import (
     DEFAULT_LEVELS,
     PRESETS,
@@ -136,6 +137,14 @@ def test_level_errors_name_the_level() -> None:
     student, teacher = features(8, 1), features(8, 2)
     teacher["p4"] = teacher["p4"][:, :4]
     with pytest.raises(ValueError, match="level p4: teacher has 4 channels"):
+        ml(student, teacher, BOXES, BATCH)
+
+
+def test_a_diverged_level_is_a_user_facing_error_that_names_it() -> None:
+    ml = MultiLevelFGD(LEVELS, 8, 8)
+    student, teacher = features(8, 1), features(8, 2)
+    student["p4"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="level p4: student contains NaN or Inf"):
         ml(student, teacher, BOXES, BATCH)
 
 

@@ -38,7 +38,7 @@ from fgdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fgdistill.errors import CheckpointError, FgdistillError
+from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteError
 
 __all__ = [
     "CheckpointHook",
@@ -59,7 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FgdistillError):
+class NonFiniteLossError(NonFiniteError):
     """A loss term became NaN or infinite; the run stops before the bad update is applied."""
 
 

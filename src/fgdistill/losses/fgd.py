@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgdistill.errors import NonFiniteError
 from fgdistill.losses._dense import DenseSpec, DenseStats, default_chunk
 from fgdistill.losses.attention import attention_from_means
 from fgdistill.losses.masks import fgd_masks
@@ -59,9 +60,13 @@ def _is_compiling() -> bool:
 
 
 def _check_finite_cpu(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` if a CPU tensor holds NaN or Inf (no-op on other devices)."""
+    """Raise :class:`~fgdistill.errors.NonFiniteError` (a ``ValueError``) if a CPU tensor holds
+    NaN or Inf (no-op on other devices)."""
     if x.device.type == "cpu" and not _is_compiling() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise NonFiniteError(
+            f"{name} contains NaN or Inf values (in training: the run diverged; a lower "
+            "optim.lr, optim.grad_clip or distill.fgd_warmup_iters may help)"
+        )
 
 
 def check_loss_inputs(
@@ -135,10 +140,10 @@ def check_finite_result(values: Sequence[Tensor], student: Tensor, teacher: Tens
     """On CPU, if a computed loss value is not finite, find the input that made it so.
 
     Every loss value sums over all of its inputs' elements, so a NaN or Inf in a feature map shows
-    up in the result; only then are the maps scanned, and a ``ValueError`` names the culprit. This
-    keeps the common path free of an extra pass over the features. On CUDA, and while compiling,
-    nothing is checked: reading a value would synchronise with the device, so non-finite CUDA
-    inputs give a non-finite loss, which the trainer sees.
+    up in the result; only then are the maps scanned, and a ``NonFiniteError`` names the
+    culprit. This keeps the common path free of an extra pass over the features. On CUDA, and
+    while compiling, nothing is checked: reading a value would synchronise with the device, so
+    non-finite CUDA inputs give a non-finite loss, which the trainer sees.
     """
     if student.device.type != "cpu" or _is_compiling() or not values:
         return

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fgdistill.errors import NonFiniteError
 from fgdistill.losses.fgd import FGDLoss
 from fgdistill.losses.imitation import FeatureImitationLoss
 
@@ -181,6 +182,8 @@ class MultiLevelFGD(nn.Module):
                 s_map, t_map = s_map / rms, t_map / rms
             try:
                 level_terms = self.losses[lv](s_map, t_map, boxes, batch_shape)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"level {lv}: {err}") from err
             except ValueError as err:
                 raise ValueError(f"level {lv}: {err}") from err
             for term, value in level_terms.items():
