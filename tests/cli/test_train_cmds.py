@@ -123,7 +123,13 @@ def test_eval_command(
     written = json.loads((out / "eval_metrics.json").read_text())
     final = json.loads((trained / "metrics.json").read_text())["metrics"]["bbox"]
     assert written["metrics"]["bbox"]["AP"] == pytest.approx(final["AP"], nan_ok=True)
-    assert (out / "config.yaml").is_file()
+    assert (out / "eval_config.yaml").is_file()
+    # Beside the checkpoint (the default), the training run's config.yaml stays as it was.
+    training_config = (trained / "config.yaml").read_bytes()
+    args = ["eval", str(cfg), "--checkpoint", str(trained / "model.pt"), "--no-progress"]
+    assert main(args) == 0
+    assert (trained / "config.yaml").read_bytes() == training_config
+    assert (trained / "eval_config.yaml").is_file()
 
 
 def test_predict_command(

@@ -549,6 +549,8 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """Evaluate a checkpoint on the config's validation set; writes ``eval_metrics.json``.
 
+    The config it used goes to ``eval_config.yaml`` beside it.
+
     The detector is rebuilt from the checkpoint's own spec (``model_spec`` inside it or
     ``model.yaml`` / ``config.yaml`` beside it), falling back to ``cfg.model``.
     """
@@ -577,7 +579,9 @@ def evaluate_checkpoint(
     if du.is_main():
         work_dir = Path(cfg.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, work_dir / "config.yaml")
+        # not config.yaml: by default this is the checkpoint's folder, whose config.yaml is the
+        # training run's own (and can repeat it)
+        dump_config(cfg, work_dir / "eval_config.yaml")
         _write_json(
             work_dir / "eval_metrics.json",
             {
