@@ -233,6 +233,15 @@ def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> No
     assert message in str(err.value) and str(cfg) in str(err.value)
 
 
+def test_overrides_of_unknown_sections_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--set teachr\.\.\.: top level: unknown key 'teachr'"):
+        load_bench_config(PACKAGED, ["teachr.optim.epochs=2"])
+    with pytest.raises(ConfigError, match=r"--set quick\.\.\.: top level: unknown key 'quick'"):
+        load_bench_config(PACKAGED, ["quick.seeds=[0]"])
+    plan = load_bench_config(PACKAGED, ["common.optim.lr=0.02"], rows=["baseline"])
+    assert plan.rows[0].config.optim.lr == 0.02
+
+
 def test_rows_selection_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match="--rows: unknown key 'fdg'; did you mean 'fgd'"):
         load_bench_config(PACKAGED, rows=["fdg"])

@@ -84,3 +84,8 @@ def test_demo_rejects_unknown_sections(tmp_path: Path, capsys: pytest.CaptureFix
     cfg.write_text("synth: {}\nteachr: {}\n")
     assert main(["demo", "--config", str(cfg), "--work-dir", str(tmp_path / "w")]) == 2
     assert "teachr: unknown demo section; did you mean 'teacher'?" in capsys.readouterr().err
+    # An override that names no section (common. left out) would otherwise change nothing.
+    cfg.write_text("synth: {}\n")
+    args = ["demo", "--config", str(cfg), "--work-dir", str(tmp_path / "w")]
+    assert main([*args, "--set", "optim.epochs=1"]) == 2
+    assert "--set: optim: unknown demo section" in capsys.readouterr().err

@@ -180,6 +180,10 @@ def load_bench_config(
             raw = merge(raw, raw.get("quick") or {})
         raw.pop("quick", None)
         raw = apply_overrides(raw, overrides)
+        for key in raw:  # a --set of an unknown (or the already merged quick) section
+            if key not in _SECTIONS or key == "quick":
+                valid = [k for k in _SECTIONS if k != "quick"]
+                raise ConfigError(f"--set {key}...: {_unknown(str(key), valid, 'top level')}")
         synth = from_mapping(SynthSettings, raw.get("synth") or {}, "synth")
         seed_list = [int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0])]
         if not seed_list or len(set(seed_list)) != len(seed_list):

@@ -120,15 +120,17 @@ def load_demo_config(
     each stage's section). Data paths are filled in by :func:`run_demo`.
     """
     raw = read_yaml(path)
+    in_file = set(raw)
+    raw = apply_overrides(raw, overrides)
     sections = ("synth", "common", *STAGES)
-    for key in raw:
+    for key in raw:  # after the overrides: a --set of an unknown section is an error too
         if key not in sections:
             import difflib
 
             close = difflib.get_close_matches(str(key), sections, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{path}: {key}: unknown demo section{hint}")
-    raw = apply_overrides(raw, overrides)
+            where = path if key in in_file else "--set"
+            raise ConfigError(f"{where}: {key}: unknown demo section{hint}")
     try:
         synth = from_mapping(SynthSettings, raw.get("synth") or {}, "synth")
         configs = {}
