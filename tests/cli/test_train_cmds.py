@@ -274,6 +274,29 @@ def test_distill_end_to_end(
     )
 
 
+def test_a_fresh_start_leaves_nothing_of_an_earlier_run_to_resume(
+    synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgdistill.engine import trainer as trainer_module
+
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    work = tmp_path / "run"
+    work.mkdir()
+    for name in ("last.pt", "best.pt", "model.pt", "metrics.json", "notes.txt"):
+        (work / name).write_text("an earlier run's")
+
+    def crash(self: object) -> None:
+        raise KeyboardInterrupt  # stopped before its first checkpoint
+
+    monkeypatch.setattr(trainer_module.Trainer, "train", crash)
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 130
+    # --resume now starts fresh instead of continuing the earlier run
+    assert sorted(p.name for p in work.iterdir() if p.suffix in (".pt", ".json", ".txt")) == [
+        "categories.json",
+        "notes.txt",
+    ]
+
+
 @pytest.mark.parametrize("stop_at", [3])  # mid-epoch: 2 iterations per epoch
 def test_resume_matches_uninterrupted_run(
     trained: Path, synth_dataset: Path, tmp_path: Path, stop_at: int

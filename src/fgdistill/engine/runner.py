@@ -438,8 +438,12 @@ def train(
     if resume and last.is_file():
         _resume(trainer, trainable, last, distilling, device)
         logger.info("resumed from %s at iteration %d", last, trainer.iter)
-    elif resume:
-        logger.info("no %s to resume from; starting fresh", last)
+    else:
+        if resume:
+            logger.info("no %s to resume from; starting fresh", last)
+        if du.is_main():
+            _clear_earlier_run(work_dir)
+    du.barrier()
 
     if trainer.finished:
         logger.info("%s: already finished (%d iterations)", work_dir, trainer.iter)
@@ -491,6 +495,32 @@ def train(
         model_path=model_path,
         files=files,
     )
+
+
+#: what a finished or interrupted run leaves in its work dir (besides config, log and categories)
+RUN_OUTPUTS: tuple[str, ...] = (
+    "last.pt",
+    "best.pt",
+    "model.pt",
+    "student.pt",
+    "model.yaml",
+    "metrics.json",
+)
+
+
+def _clear_earlier_run(work_dir: Path) -> None:
+    """Remove an earlier run's checkpoints and outputs from ``work_dir`` before a fresh start.
+
+    Otherwise a fresh run that stops before its first checkpoint would leave the earlier run's
+    ``last.pt`` for ``--resume`` to continue, and its model and metrics beside the new config.
+    """
+    removed = [name for name in RUN_OUTPUTS if (work_dir / name).is_file()]
+    for name in removed:
+        (work_dir / name).unlink()
+    if removed:
+        logger.info(
+            "starting fresh in %s: removed the earlier run's %s", work_dir, ", ".join(removed)
+        )
 
 
 def _spec_of(model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
