@@ -165,6 +165,25 @@ def test_resume_gives_the_same_weights(tmp_path: Path, stop_at: int) -> None:
     assert iters == sorted(set(iters))
 
 
+def test_an_iteration_checkpoint_on_an_epochs_last_step_starts_the_next_epoch(
+    tmp_path: Path,
+) -> None:
+    trainer, _, ckpt_hook = make_trainer(tmp_path, max_iters=4)
+    ckpt_hook.interval, ckpt_hook.every_iters = 0, 3  # 3 iterations per epoch
+    saved: list[tuple[int, int, int]] = []
+    save = ckpt_hook.save
+
+    def recording_save(name: str = "last.pt") -> None:
+        saved.append((trainer.iter, trainer.epoch, trainer.epoch_iter))
+        save(name)
+
+    ckpt_hook.save = recording_save  # type: ignore[method-assign]
+    trainer.train()
+    # iteration 3 ends epoch 1: written as epoch 1 done, not as epoch 0 with 3 steps to replay;
+    # iteration 4 by the end of training
+    assert saved == [(3, 1, 0), (4, 1, 1)]
+
+
 def test_resuming_with_other_parameters_names_the_optimizer(tmp_path: Path) -> None:
     first, _, _ = make_trainer(tmp_path, max_iters=2)
     first.train()

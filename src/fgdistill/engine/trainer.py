@@ -455,6 +455,7 @@ class CheckpointHook(HookBase):
         self.interval = interval
         self.every_iters = every_iters
         self._saved_at = -1
+        self._due = False
 
     def checkpoint(self) -> dict[str, Any]:
         """The full checkpoint dict for the trainer's current state."""
@@ -472,14 +473,21 @@ class CheckpointHook(HookBase):
             self._saved_at = self.trainer.iter
 
     def after_step(self) -> None:
-        if self.every_iters and self.trainer.iter % self.every_iters == 0:
-            self.save()
+        t = self.trainer
+        if self.every_iters and t.iter % self.every_iters == 0:
+            if t.epoch_iter >= t.iters_per_epoch:
+                # the epoch's last step: save once the epoch is counted (and evaluated), so a
+                # resume starts the next epoch instead of replaying this one to its end
+                self._due = True
+            else:
+                self.save()
 
     def after_epoch(self) -> None:
         t = self.trainer
+        due, self._due = self._due, False
         if self._saved_at == t.iter:
             return
-        if (self.interval and t.epoch % self.interval == 0) or t.finished:
+        if due or (self.interval and t.epoch % self.interval == 0) or t.finished:
             self.save()
 
     def after_train(self) -> None:
