@@ -117,6 +117,11 @@ def test_two_process_gloo_training_and_gathered_eval(
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 1
+    # Each rank's random states are kept, so that a resumed rank goes on with its own draws.
+    from fgdistill.engine.checkpoint import load_checkpoint
+
+    states = load_checkpoint(work / "last.pt")["rng_per_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
     # The evaluation in the run (each rank scored half of the 4 images) equals a single-process
     # evaluation of the same weights (test_gathered_evaluation checks the gathering itself).
     single = tmp_path / "single"

@@ -184,6 +184,26 @@ def test_an_iteration_checkpoint_on_an_epochs_last_step_starts_the_next_epoch(
     assert saved == [(3, 1, 0), (4, 1, 1)]
 
 
+def test_a_resumed_rank_takes_its_own_random_states(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgdistill.engine import distributed as du
+
+    first, _, _ = make_trainer(tmp_path, max_iters=2)
+    first.train()
+    ckpt = dict(load_checkpoint(tmp_path / "last.pt"))
+    ckpt["rng_per_rank"] = [{"rank": 0}, {"rank": 1}]
+    resumed, _, _ = make_trainer(tmp_path)
+    monkeypatch.setattr(du, "get_rank", lambda: 1)
+    monkeypatch.setattr(du, "get_world_size", lambda: 2)
+    resumed.load_state_dict(ckpt)
+    assert resumed._resume_rng == {"rank": 1}
+    # another number of processes than saved it: rank 0's states, as before
+    monkeypatch.setattr(du, "get_world_size", lambda: 4)
+    resumed.load_state_dict(ckpt)
+    assert resumed._resume_rng is ckpt["rng"]
+
+
 def test_resuming_with_other_parameters_names_the_optimizer(tmp_path: Path) -> None:
     first, _, _ = make_trainer(tmp_path, max_iters=2)
     first.train()

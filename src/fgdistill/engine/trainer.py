@@ -312,7 +312,11 @@ class Trainer:
             ) from None
         if self.amp and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        self._resume_rng = state.get("rng")
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == du.get_world_size():
+            self._resume_rng = per_rank[du.get_rank()]
+        else:  # a single-process checkpoint, or another number of processes
+            self._resume_rng = state.get("rng")
 
     # -- loop ------------------------------------------------------------------------------
     def _start_epoch(self) -> Iterator[Any]:
@@ -465,9 +469,17 @@ class CheckpointHook(HookBase):
         return ckpt
 
     def save(self, name: str = "last.pt") -> None:
-        """Write ``work_dir/name`` atomically (rank 0 only)."""
+        """Write ``work_dir/name`` atomically (rank 0 writes; every rank must call it).
+
+        In a multi-process run the checkpoint also holds every rank's random states
+        (``rng_per_rank``), so that a resumed rank continues its own draws, not rank 0's.
+        """
+        per_rank = du.all_gather_object(capture_rng_state()) if du.is_distributed() else None
         if du.is_main():
-            path = save_checkpoint(self.checkpoint(), self.work_dir / name)
+            ckpt = self.checkpoint()
+            if per_rank is not None:
+                ckpt["rng_per_rank"] = per_rank
+            path = save_checkpoint(ckpt, self.work_dir / name)
             logger.debug("wrote %s at iteration %d", path, self.trainer.iter)
         if name == "last.pt":
             self._saved_at = self.trainer.iter
