@@ -168,6 +168,25 @@ def test_predict_command(
     assert "outputs in" in capsys.readouterr().out
 
 
+def test_train_and_eval_refuse_a_val_set_with_other_categories(
+    trained: Path, synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    val = json.loads((synth_dataset / "annotations" / "instances_val.json").read_text())
+    dropped = val["categories"][0]["id"]
+    val["categories"] = val["categories"][1:]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != dropped]
+    other = tmp_path / "val_fewer.json"
+    other.write_text(json.dumps(val))
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset, data={"val_ann": str(other)})
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the categories of {other} differ from those of" in err and "only in" in err
+    # a trained model's labels are its training set's: scored against this file, refused too
+    args = ["eval", str(cfg), "--checkpoint", str(trained / "model.pt")]
+    assert main([*args, "--work-dir", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert "(its training set)" in capsys.readouterr().err
+
+
 def test_predict_refuses_a_threshold_that_is_not_a_number(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

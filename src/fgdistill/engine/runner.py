@@ -125,6 +125,37 @@ def _categories(dataset: Any) -> list[dict[str, Any]]:
     ]
 
 
+def check_same_categories(
+    expected: Sequence[Mapping[str, Any]],
+    expected_source: str,
+    got: Sequence[Mapping[str, Any]],
+    got_source: str,
+) -> None:
+    """Raise ConfigError unless two category lists (``[{"id", "name"}]``) are the same.
+
+    A detector's labels are positions in its training set's category list; scored against a
+    set whose list differs, label ``k`` would be counted as another category, silently.
+    """
+    a = [(int(c["id"]), str(c.get("name", c["id"]))) for c in expected]
+    b = [(int(c["id"]), str(c.get("name", c["id"]))) for c in got]
+    if a == b:
+        return
+    only_a = [f"{i} {n!r}" for i, n in a if (i, n) not in b]
+    only_b = [f"{i} {n!r}" for i, n in b if (i, n) not in a]
+    detail = "; ".join(
+        part
+        for part in (
+            f"only in {expected_source}: {', '.join(only_a)}" if only_a else "",
+            f"only in {got_source}: {', '.join(only_b)}" if only_b else "",
+        )
+        if part
+    )
+    raise ConfigError(
+        f"the categories of {got_source} differ from those of {expected_source} ({detail}); "
+        "labels would be scored as the wrong categories: use one category list for both"
+    )
+
+
 def load_categories(checkpoint_path: str | Path, ckpt: Mapping[str, Any] | None = None) -> list:
     """COCO categories (``[{"id", "name"}]``, in label order) stored with a checkpoint.
 
@@ -305,6 +336,12 @@ def train(
     distilling = cfg.distill is not None
 
     train_ds, val_ds = _datasets(cfg)
+    check_same_categories(
+        _categories(train_ds),
+        str(cfg.data.path("train_ann")),
+        _categories(val_ds),
+        str(cfg.data.path("val_ann")),
+    )
     num_classes = train_ds.num_classes + 1
     if cfg.model.num_classes is None:
         cfg.model.num_classes = num_classes
@@ -589,6 +626,14 @@ def evaluate_checkpoint(
     device = du.init_from_env(cfg.device)
     _, val_ds = _datasets(cfg, train=False)
     ckpt = load_checkpoint(checkpoint)
+    trained_on = load_categories(checkpoint, ckpt)
+    if trained_on:
+        check_same_categories(
+            trained_on,
+            f"{checkpoint} (its training set)",
+            _categories(val_ds),
+            str(cfg.data.path("val_ann")),
+        )
     try:
         spec = find_model_spec(checkpoint, ckpt)
         model = build_from_spec(spec)

@@ -500,7 +500,7 @@ def _check_options(arch: str, options: Mapping[str, Any]) -> None:
         cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}.get(arch, MaskRCNN)
     named = [
         p
-        for p in inspect.signature(cls.__init__).parameters.values()
+        for p in inspect.signature(cls).parameters.values()
         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
     # set by build_detector itself (anchors and heads come from its own arguments)
