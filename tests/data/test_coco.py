@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fgdistill.data.coco import CategoryMap, CocoDetection, read_annotations
+from fgdistill.data.coco import CategoryMap, CocoDetection, decode_rle_counts, read_annotations
 from fgdistill.errors import DataError
 
 W, H = 20, 16
@@ -333,6 +333,15 @@ _DELETE = object()
             "uncompressed RLE counts sum to 3",
         ),
         (_set(("annotations", 0, "segmentation"), 5), "segmentation must be a list of polygons"),
+        # pycocotools would decode these into garbage, not refuse them
+        (
+            _set(("annotations", 1, "segmentation"), {"size": [H, W], "counts": "zzzz"}),
+            "annotations[1] (id 2): compressed RLE counts are not a valid COCO RLE string",
+        ),
+        (
+            _set(("annotations", 1, "segmentation"), {"size": [H, W], "counts": "52"}),
+            f"compressed RLE counts decode to 7 pixels, expected height * width = {H * W}",
+        ),
     ],
 )
 def test_bad_entries_name_file_and_entry(tmp_path: Path, mutate: Any, expected: str) -> None:
@@ -405,3 +414,22 @@ def test_collect_mode_reports_every_problem_and_keeps_good_entries(tmp_path: Pat
     assert [img.id for img in index.images] == [1, 7]
     assert sorted(a.id for a in index.annotations) == [2, 5]
     assert {img["id"] for img in index.data["images"]} == {1, 7}
+
+
+def test_compressed_rle_counts_decode_as_pycocotools_encodes() -> None:
+    from pycocotools import mask as mask_utils
+
+    gen = np.random.default_rng(0)
+    for trial in range(50):
+        h, w = (int(v) for v in gen.integers(1, 40, 2))
+        mask = (gen.random((h, w)) < gen.random()).astype(np.uint8)
+        if trial == 0:
+            mask[:] = 1  # starts with an empty run of background
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+        runs = decode_rle_counts(counts)
+        assert runs is not None and sum(runs) == h * w
+        column_major = mask.flatten(order="F")
+        values = np.repeat(np.arange(len(runs)) % 2, runs)  # runs alternate 0, 1, 0, ...
+        assert np.array_equal(values, column_major)
+    assert decode_rle_counts("") == []
+    assert decode_rle_counts("a") is None  # continuation bit set, nothing follows

@@ -182,15 +182,18 @@ def test_process_rejects_bad_outputs(synth_dataset: Path) -> None:
         COCOEvaluator(ds.coco, other)
 
 
-def test_segm_needs_ground_truth_masks(synth_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("empty", ["missing", None, []])
+def test_segm_needs_ground_truth_masks(synth_dataset: Path, tmp_path: Path, empty: Any) -> None:
     data = json.loads((synth_dataset / "annotations" / "instances_val.json").read_text())
     for ann in data["annotations"]:
         del ann["segmentation"]
+        if empty != "missing":  # null and [] pass the file's check, but hold no mask
+            ann["segmentation"] = empty
     ann_file = tmp_path / "boxes_only.json"
     ann_file.write_text(json.dumps(data))
     results = tmp_path / "r.json"
     results.write_text("[]")
-    with pytest.raises(DataError, match="needs ground-truth masks"):
+    with pytest.raises(DataError, match=r"needs ground-truth masks.*no or an empty 'segm"):
         score_results_file(ann_file, results, "segm")
 
 
@@ -235,6 +238,11 @@ def test_bad_segm_results(synth_dataset: Path, tmp_path: Path) -> None:
         score_results_file(ann_file, results, "segm")
     results.write_text(json.dumps([{**_GOOD, "segmentation": 7}]))
     with pytest.raises(DataError, match=r"results\.json: \[0\]: invalid segmentation"):
+        score_results_file(ann_file, results, "segm")
+    image = json.loads(ann_file.read_text())["images"][0]
+    garbage = {"size": [image["height"], image["width"]], "counts": "zzzz"}
+    results.write_text(json.dumps([{**_GOOD, "image_id": image["id"], "segmentation": garbage}]))
+    with pytest.raises(DataError, match=r"\[0\]: invalid segmentation \(compressed RLE counts"):
         score_results_file(ann_file, results, "segm")
 
 

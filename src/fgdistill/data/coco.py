@@ -285,10 +285,50 @@ def _check_segmentation(seg: Any, image: ImageRecord | None) -> str | None:
                 return "uncompressed RLE counts must be non-negative integers"
             if sum(counts) != size[0] * size[1]:
                 return f"uncompressed RLE counts sum to {sum(counts)}, expected {size[0] * size[1]}"
-        elif not isinstance(counts, str):
+        elif isinstance(counts, str):
+            # pycocotools decodes a bad string without a word, into memory it never fills
+            runs = decode_rle_counts(counts)
+            if runs is None or any(r < 0 for r in runs):
+                return "compressed RLE counts are not a valid COCO RLE string"
+            if sum(runs) != size[0] * size[1]:
+                return (
+                    f"compressed RLE counts decode to {sum(runs)} pixels, expected "
+                    f"height * width = {size[0] * size[1]}"
+                )
+        else:
             return "RLE counts must be a string or a list of integers"
         return None
     return f"segmentation must be a list of polygons or an RLE dict, got {_short(seg)}"
+
+
+def decode_rle_counts(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None if it is not one.
+
+    COCO's format: each run is written in 6-bit characters (offset by 48), 5 bits of value and
+    a continuation bit each, sign-extended at the end; from the fourth run on, the value is the
+    difference to the run two before.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value = shift = 0
+        while True:
+            if pos >= len(counts):
+                return None  # the last run is cut off
+            c = ord(counts[pos]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            shift += 5
+            pos += 1
+            if not c & 0x20:
+                if c & 0x10:
+                    value -= 1 << shift
+                break
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def read_annotations(

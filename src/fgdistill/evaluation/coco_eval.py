@@ -31,7 +31,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from fgdistill.data.coco import CategoryMap, CocoIndex, Target, read_annotations
+from fgdistill.data.coco import (
+    CategoryMap,
+    CocoIndex,
+    Target,
+    decode_rle_counts,
+    read_annotations,
+)
 from fgdistill.errors import DataError
 
 __all__ = ["IOU_TYPES", "METRIC_NAMES", "COCOEvaluator", "score_results_file"]
@@ -105,11 +111,11 @@ def _run_cocoeval(
     Returns metrics in percent (``nan`` where undefined) and pycocotools' printed summary.
     """
     if iou_type == "segm":
-        missing = [a["id"] for a in coco_gt.dataset["annotations"] if "segmentation" not in a]
+        missing = [a["id"] for a in coco_gt.dataset["annotations"] if not a.get("segmentation")]
         if missing:
             raise DataError(
                 f"segm evaluation needs ground-truth masks, but {len(missing)} annotation(s) "
-                f"have no 'segmentation' (ids {missing[:5]})"
+                f"have no or an empty 'segmentation' (ids {missing[:5]})"
             )
     coco_dt = _results_to_coco(coco_gt, results, iou_type)
     buffer = io.StringIO()
@@ -353,6 +359,13 @@ def _validate_results(data: Any, name: str, coco_gt: COCO, iou_type: str) -> lis
                     rle = mask_utils.frPyObjects(seg, *seg["size"])
                 elif isinstance(seg, dict) and isinstance(seg.get("counts"), str):
                     rle = {"size": seg["size"], "counts": seg["counts"].encode()}
+                    runs = decode_rle_counts(seg["counts"])
+                    h, w = seg["size"]
+                    if runs is None or min(runs, default=0) < 0 or sum(runs) != h * w:
+                        raise ValueError(
+                            f"compressed RLE counts do not decode to height * width = {h * w} "
+                            "pixels"
+                        )
                 else:
                     raise TypeError("expected polygons or an RLE dict with 'counts' and 'size'")
                 mask_utils.area(rle)
