@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fgdistill.viz.draw import PALETTE, draw_detections, to_pil
+from fgdistill.viz.draw import PALETTE, draw_detections, to_pil, unique_png_names
 
 
 def test_box_outline_is_drawn_in_the_label_colour() -> None:
@@ -42,3 +42,10 @@ def test_grey_and_rgba_inputs_become_rgb() -> None:
     for image in (grey, rgba, np.zeros((12, 16), dtype=np.uint8)):
         out = draw_detections(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
         assert out.mode == "RGB" and out.size == (16, 12)
+
+
+def test_picture_names_never_repeat() -> None:
+    # a.png and sub/a.png share a stem; a third file is itself named a_2
+    assert unique_png_names(["a", "a", "a_2", "b"]) == ["a.png", "a_2.png", "a_2_2.png", "b.png"]
+    names = unique_png_names(["x"] * 5)
+    assert len(set(names)) == 5

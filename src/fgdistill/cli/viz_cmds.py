@@ -133,14 +133,9 @@ def _trained_temperature(checkpoint: Path) -> float | None:
 
 def _out_names(images: Sequence[Path]) -> list[str]:
     """``attention_<stem>.png`` for each image, numbered where two stems are equal."""
-    names: list[str] = []
-    for image in images:
-        base = f"attention_{image.stem}"
-        name, k = f"{base}.png", 2
-        while name in names:
-            name, k = f"{base}_{k}.png", k + 1
-        names.append(name)
-    return names
+    from fgdistill.viz.draw import unique_png_names
+
+    return unique_png_names([f"attention_{image.stem}" for image in images])
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:

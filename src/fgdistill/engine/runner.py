@@ -718,7 +718,7 @@ def predict(
     import numpy as np
 
     from fgdistill.models.build import load_state_dict_checked
-    from fgdistill.viz.draw import draw_detections
+    from fgdistill.viz.draw import draw_detections, unique_png_names
 
     paths = [Path(p) for p in images]
     pil_images = [_read_image(p) for p in paths]  # fail early, before loading the model
@@ -739,7 +739,7 @@ def predict(
     results: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     drawings: list[Path] = []
-    used: set[str] = set()
+    drawing_names = unique_png_names([path.stem for path in paths])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -773,9 +773,7 @@ def predict(
                     "score": round(float(score), 5),
                 }
             )
-        stem = path.stem
-        name = f"{stem}.png" if stem not in used else f"{stem}_{image_id}.png"
-        used.add(stem)
+        name = drawing_names[image_id - 1]
         drawn = draw_detections(
             pil,
             output["boxes"],

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "draw_detections", "to_pil"]
+__all__ = ["PALETTE", "draw_detections", "to_pil", "unique_png_names"]
 
 #: Distinct colours, one per label (cycled).
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -131,3 +131,18 @@ def _paint_masks(
         colour = np.asarray(PALETTE[label % len(PALETTE)], dtype=np.float32)
         array[area] = (1 - alpha) * array[area] + alpha * colour
     return Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
+
+
+def unique_png_names(stems: Sequence[str]) -> list[str]:
+    """``<stem>.png`` for each stem, in order; a repeated name gets ``_2``, ``_3``, ... until it
+    is new, so no picture overwrites another (``a``, ``a``, ``a_2`` give ``a.png``,
+    ``a_2.png``, ``a_2_2.png``)."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for stem in stems:
+        name, k = f"{stem}.png", 2
+        while name in taken:
+            name, k = f"{stem}_{k}.png", k + 1
+        taken.add(name)
+        names.append(name)
+    return names
