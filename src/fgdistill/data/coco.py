@@ -42,8 +42,11 @@ __all__ = [
     "CocoIndex",
     "Problem",
     "Target",
+    "decode_rle_counts",
+    "load_image",
     "read_annotations",
     "segmentation_to_mask",
+    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -564,6 +567,28 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     return np.ascontiguousarray(mask, dtype=np.uint8)
 
 
+#: PIL modes of grey images with more than 8 bits (16-bit and 32-bit integers, 32-bit floats)
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as an 8-bit RGB image, whatever its mode.
+
+    Grey images of more than 8 bits are stretched from their own minimum to maximum onto 0-255
+    (PIL's plain conversion would clip every value above 255 to white); a palette image with
+    transparency goes through RGBA; transparency is dropped. Training, prediction and the
+    attention pictures all read images through this function.
+    """
+    if img.mode in _WIDE_GREY:
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def load_image(path: Path, *, expected_size: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode an image as RGB; raise :class:`DataError` naming the file.
 
@@ -576,7 +601,7 @@ def load_image(path: Path, *, expected_size: tuple[int, int] | None = None) -> I
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: image does not decode ({exc})") from None
     if expected_size is not None and rgb.size != expected_size:

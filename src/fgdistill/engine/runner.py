@@ -682,13 +682,14 @@ class PredictResult:
 def _read_image(path: Path) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    from fgdistill.data.coco import to_rgb
     from fgdistill.errors import DataError
 
     if not path.is_file():
         raise DataError(f"{path}: image not found")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image: {exc}") from None
 

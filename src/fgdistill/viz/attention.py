@@ -34,6 +34,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from fgdistill.data.coco import to_rgb
 from fgdistill.errors import CompatibilityError, DataError
 from fgdistill.losses import attention as _attention
 from fgdistill.losses import masks as _masks
@@ -86,15 +87,7 @@ def load_image(path: str | Path) -> Tensor:
     try:
         with Image.open(p) as opened:
             opened.load()
-            img: Image.Image = opened
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-                img = Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
-            elif img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            rgb = img.convert("RGB")
+            rgb = to_rgb(opened)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"cannot read image {p}: {exc}") from None
     array = np.asarray(rgb, dtype=np.uint8).copy()
