@@ -76,3 +76,25 @@ def test_unusable_file_is_one_error(tmp_path: Path) -> None:
 def test_missing_image_folder(synth_dataset: Path, tmp_path: Path) -> None:
     report = check_dataset(synth_dataset / "annotations" / "instances_val.json", tmp_path / "nope")
     assert [p.message for p in report.errors] == [f"{tmp_path / 'nope'}: image folder not found"]
+
+
+def test_the_report_counts_what_the_dataset_keeps(synth_dataset: Path, tmp_path: Path) -> None:
+    from fgdistill.data.coco import CocoDetection
+
+    data = json.loads((synth_dataset / "annotations" / "instances_val.json").read_text())
+    first = data["images"][0]["id"]
+    mine = [a for a in data["annotations"] if a["image_id"] == first]
+    # 10 px wide, but 0.5 px of it inside the image: dropped by the dataset
+    mine[0]["bbox"] = [-9.5, 2.0, 10.0, 5.0]
+    for ann in mine[1:]:
+        ann["bbox"] = [3.0, 3.0, 0.0, 4.0]  # zero width
+    ann_file = tmp_path / "val.json"
+    ann_file.write_text(json.dumps(data))
+    report = check_dataset(ann_file, synth_dataset / "val", check_images=False)
+    dataset = CocoDetection(ann_file, synth_dataset / "val", train=True)
+    kept = sum(len(dataset.index.anns_by_image[i.id]) for i in dataset.index.images) - len(mine)
+    assert report.num_degenerate == len(mine)
+    assert sum(c.count for c in report.categories) == kept
+    assert sum(report.size_counts.values()) == kept
+    # the image kept no box: the training set leaves it out, and the report counts it
+    assert report.images_without_annotations == 1 == report.num_images - len(dataset)

@@ -112,7 +112,8 @@ def _check(args: argparse.Namespace) -> int:
     print(f" ({report.images_checked} decoded)" if not args.skip_images else " (not decoded)")
     print(
         f"instances:   {report.num_annotations} ({report.num_crowd} crowd, "
-        f"{report.images_without_annotations} image(s) without annotations)"
+        f"{report.num_degenerate} degenerate, "
+        f"{report.images_without_annotations} image(s) without usable annotations)"
     )
     if report.categories:
         print("per category:")

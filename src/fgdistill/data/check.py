@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fgdistill.data.coco import MIN_BOX_SIZE, Problem, load_image, read_annotations
+from fgdistill.data.coco import (
+    MIN_BOX_SIZE,
+    Problem,
+    degenerate_after_clipping,
+    load_image,
+    read_annotations,
+)
 from fgdistill.errors import DataError
 
 __all__ = ["CategoryCount", "DatasetReport", "check_dataset"]
@@ -22,7 +28,7 @@ MEDIUM_MAX = 96**2
 
 @dataclass(frozen=True)
 class CategoryCount:
-    """Instances (crowd annotations excluded) of one category."""
+    """Instances (crowd annotations and degenerate boxes excluded) of one category."""
 
     id: int
     name: str
@@ -33,8 +39,10 @@ class CategoryCount:
 class DatasetReport:
     """What :func:`check_dataset` found.
 
-    ``size_counts`` counts non-crowd instances by COCO's area ranges: ``small`` (< 32^2 px),
-    ``medium`` (< 96^2) and ``large``.
+    ``size_counts`` counts the instances a dataset keeps (not crowd, not degenerate) by COCO's
+    area ranges: ``small`` (< 32^2 px), ``medium`` (< 96^2) and ``large``.
+    ``images_without_annotations`` counts images with no such instance (a training dataset
+    leaves them out).
     """
 
     ann_file: Path
@@ -97,15 +105,17 @@ def check_dataset(
     degenerate: list[str] = []
     for img in index.images:
         anns = index.anns_by_image[img.id]
-        if not any(not a.iscrowd for a in anns):
-            report.images_without_annotations += 1
+        usable = 0
         for ann in anns:
             report.num_annotations += 1
             if ann.iscrowd:
                 report.num_crowd += 1
                 continue
-            if ann.degenerate:
+            # the dataset's own rule: under 1 px once clipped to the image, dropped from targets
+            if degenerate_after_clipping(ann, img):
                 degenerate.append(f"annotations[{ann.index}] (id {ann.id})")
+                continue
+            usable += 1
             counts[ann.category_id] += 1
             if ann.area < SMALL_MAX:
                 report.size_counts["small"] += 1
@@ -113,13 +123,15 @@ def check_dataset(
                 report.size_counts["medium"] += 1
             else:
                 report.size_counts["large"] += 1
+        if not usable:
+            report.images_without_annotations += 1
     report.num_degenerate = len(degenerate)
     if degenerate:
         report.problems.append(
             Problem(
                 "warning",
                 f"{ann_file}: {len(degenerate)} degenerate box(es) under {MIN_BOX_SIZE:g} px wide "
-                f"or high will be dropped: {_entries(degenerate)}",
+                f"or high (clipped to the image) will be dropped: {_entries(degenerate)}",
             )
         )
     report.categories = [

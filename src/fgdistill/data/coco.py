@@ -43,6 +43,7 @@ __all__ = [
     "Problem",
     "Target",
     "decode_rle_counts",
+    "degenerate_after_clipping",
     "load_image",
     "read_annotations",
     "segmentation_to_mask",
@@ -675,7 +676,7 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
             for ann in self.index.anns_by_image[img.id]:
                 if train and ann.iscrowd:
                     continue
-                if _clipped_degenerate(ann, img):
+                if degenerate_after_clipping(ann, img):
                     dropped.append(ann)
                     continue
                 if masks and ann.segmentation is None:
@@ -776,8 +777,8 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
         )
 
 
-def _clipped_degenerate(ann: AnnRecord, img: ImageRecord) -> bool:
-    """True when the box, clipped to the image, is under 1 px wide or high."""
+def degenerate_after_clipping(ann: AnnRecord, img: ImageRecord) -> bool:
+    """True when the box, clipped to the image, is under 1 px wide or high: the dataset drops it."""
     x, y, w, h = ann.bbox
     x0, x1 = max(x, 0.0), min(x + w, float(img.width))
     y0, y1 = max(y, 0.0), min(y + h, float(img.height))
