@@ -13,7 +13,7 @@ from PIL import Image
 from fgdistill.errors import CompatibilityError, DataError
 from fgdistill.losses import attention as loss_attention
 from fgdistill.losses.masks import fgd_masks
-from fgdistill.viz.attention import extract_features, load_image, plot_attention
+from fgdistill.viz.attention import extract_features, load_gt_boxes, load_image, plot_attention
 
 DPI = 40
 PANEL_PX = 2.6 * DPI
@@ -227,3 +227,26 @@ def test_extract_features_uses_one_padded_batch(detectors, tmp_path: Path) -> No
         dpi=DPI,
     )
     assert fig.spatial["p3"]["teacher"].shape == (8, 8)
+
+
+def test_ground_truth_boxes_are_the_training_targets(tmp_path: Path) -> None:
+    import json
+
+    data = {
+        "images": [{"id": 7, "file_name": "sub/a.png", "width": 30, "height": 20}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [-20, 2, 25, 5]},  # clipped
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [3, 3, 0.4, 9]},  # dropped
+            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+        ],
+    }
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    got = load_gt_boxes(ann, ["a.png", "b.png"])
+    assert list(got) == ["a.png"]
+    torch.testing.assert_close(got["a.png"], torch.tensor([[0.0, 2.0, 5.0, 7.0]]))
+    data["annotations"][0]["bbox"] = [1, 2, "3", None]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann\.json: annotations\[0\] \(id 1\): bbox"):
+        load_gt_boxes(ann, ["a.png"])

@@ -740,12 +740,14 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
         pil = load_image(self.image_dir / info.file_name, expected_size=(info.width, info.height))
         array = np.asarray(pil, dtype=np.uint8)
         image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-        target = self._target(info)
+        target = self.target(info)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
-    def _target(self, info: ImageRecord) -> Target:
+    def target(self, info: ImageRecord) -> Target:
+        """The target of image ``info`` as training sees it, before any transform: crowd
+        annotations (in training) and degenerate boxes left out, boxes clipped to the image."""
         anns = self._anns[info.id]
         w, h = info.width, info.height
         xywh = np.array([a.bbox for a in anns], dtype=np.float32).reshape(-1, 4)

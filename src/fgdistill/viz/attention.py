@@ -14,7 +14,6 @@ runs once, and its padded batch goes through every backbone.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -680,13 +679,15 @@ def _draw_channels(ax: Axes, channel: Mapping[str, np.ndarray]) -> None:
 
 
 def load_gt_boxes(ann_file: str | Path, image_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Ground-truth boxes of the named images from a COCO annotation file.
+    """Ground-truth boxes of the named images from a COCO annotation file, as training sees them.
 
-    Images are matched by file name (the base name of ``file_name`` in the annotation file);
-    crowd annotations are left out, as in training.
+    The file is read and validated by the dataset class, and each image's boxes are its training
+    target's: crowd annotations and degenerate boxes left out, boxes clipped to the image. So
+    the foreground masks drawn from them are the masks the loss uses. Images are matched by file
+    name (the base name of ``file_name``; the first entry of a repeated name).
 
     Args:
-        ann_file: COCO-format JSON with ``images`` and ``annotations``.
+        ann_file: COCO-format instances JSON.
         image_names: base names of the image files.
 
     Returns:
@@ -694,33 +695,18 @@ def load_gt_boxes(ann_file: str | Path, image_names: Sequence[str]) -> dict[str,
         be 0); names not in the file are absent.
 
     Raises:
-        DataError: the file is missing or is not a COCO annotation file.
+        DataError: the file is missing or not a valid COCO instances file (naming the entry).
     """
+    from fgdistill.data.coco import CocoDetection
+
     path = Path(ann_file)
     if not path.is_file():
         raise DataError(f"annotation file {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"annotation file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"annotation file {path} has no 'images' list (not COCO format)")
+    dataset = CocoDetection(path, path.parent, train=True, filter_empty=False)
     wanted = set(image_names)
-    ids: dict[Any, str] = {}
-    for entry in data["images"]:
-        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
-            raise DataError(f"annotation file {path}: an image entry lacks 'id' or 'file_name'")
-        name = Path(str(entry["file_name"])).name
-        if name in wanted and name not in ids.values():
-            ids[entry["id"]] = name
-    boxes: dict[str, list[list[float]]] = {name: [] for name in ids.values()}
-    for ann in data.get("annotations", []) or []:
-        if not isinstance(ann, dict) or ann.get("image_id") not in ids or ann.get("iscrowd", 0):
-            continue
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise DataError(f"annotation file {path}: annotation {ann.get('id')} has a bad bbox")
-        x, y, w, h = (float(v) for v in bbox)
-        if w > 0 and h > 0:
-            boxes[ids[ann["image_id"]]].append([x, y, x + w, y + h])
-    return {name: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for name, b in boxes.items()}
+    boxes: dict[str, torch.Tensor] = {}
+    for info in dataset.index.images:
+        name = Path(info.file_name).name
+        if name in wanted and name not in boxes:
+            boxes[name] = dataset.target(info)["boxes"]
+    return boxes
