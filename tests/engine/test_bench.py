@@ -485,13 +485,13 @@ def _results_file(path: Path, teacher_ap: float, rows: dict[str, dict[int, float
 
 
 def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> None:
-    plan = load_bench_config(PACKAGED, rows=["baseline", "fgd_no_inherit", "fgd"], seeds=[0, 1, 2])
+    rows = ("baseline", "fgd_no_inherit", "fgd", "reppoints_fgd_norm_8ep")
+    plan = load_bench_config(PACKAGED, rows=list(rows), seeds=[0, 1, 2])
     teacher = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
     local = {
         "baseline": {2: _result("baseline", 2.5, 2)},
         "fgd_no_inherit": {2: _result("fgd_no_inherit", 7.0, 2)},
     }
-    rows = ("baseline", "fgd_no_inherit", "fgd")
     fps = {(r, s): f"fp-{r}-{s}" for r in rows for s in (0, 1, 2)}
     old = _results_file(
         tmp_path / "old.json",
@@ -500,6 +500,7 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
             "baseline": {0: 2.0, 1: 3.0},
             "fgd_no_inherit": {0: 6.0, 1: 8.0, 2: 1.0},
             "fgd": {0: 9.0},
+            "reppoints_fgd_norm_8ep": {0: 9.5},
         },
     )
     lines: list[str] = []
@@ -515,20 +516,20 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
     assert {r: sorted(v) for r, v in got.results.items()} == {
         "baseline": [0, 1, 2],
         "fgd_no_inherit": [0, 1, 2],
-        "fgd": [],
+        "fgd": [0],
+        "reppoints_fgd_norm_8ep": [],
     }
-    # a file older than fingerprints is older than the current inheriting rule
-    assert (
-        f"import {old}: left out fgd seed 0 (inherited by an older rule, before fingerprints)"
-        in (lines)
-    )
+    # a file older than fingerprints is older than RepPoints' current inheriting rule (RetinaNet's
+    # did not change)
+    skipped = "reppoints_fgd_norm_8ep seed 0 (inherited by an older rule, before fingerprints)"
+    assert f"import {old}: left out {skipped}" in lines
     fni = got.results["fgd_no_inherit"]
     assert fni[2].metrics["AP"] == 7.0  # the work dir's own result wins
     assert fni[0].imported_from == str(old)
     assert fni[0].work_dir == "/elsewhere/seed0/fgd_no_inherit"
     assert got.notes == [
-        f"from {old}: 4 row result(s) of one seed; checked by fingerprint 0, by the teacher's "
-        "metrics 2, by row name and seed only 2; left out 1"
+        f"from {old}: 5 row result(s) of one seed; checked by fingerprint 0, by the teacher's "
+        "metrics 3, by row name and seed only 2; left out 1"
     ]
     assert local["fgd_no_inherit"].keys() == {2}  # the caller's results are not changed
     data = summarise(plan, got.teachers, got.results)

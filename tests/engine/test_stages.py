@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from fgdistill.engine.config import DistillConfig, TrainConfig
+from fgdistill.engine.config import DistillConfig, ModelConfig, TrainConfig, config_to_dict
 from fgdistill.engine.stages import (
     SynthSettings,
     cpu_name,
+    fingerprint,
+    inherit_revision,
     machine_line,
     prepare_data,
     read_stage,
@@ -48,16 +50,28 @@ def test_the_machine_line_names_the_cpu_and_its_kernels(tmp_path: Path) -> None:
     assert "torch CPU kernels " in line and "CPU(s), torch threads " in line
 
 
-def test_an_inheriting_stage_is_fingerprinted_with_what_it_inherits(
+def test_an_inheriting_stage_is_fingerprinted_with_its_rules_revision(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from fgdistill.models import distiller
 
-    cfg = TrainConfig(distill=DistillConfig(teacher_checkpoint="t.pt", inherit_teacher=True))
-    plain = TrainConfig(distill=DistillConfig(teacher_checkpoint="t.pt"))
-    before, before_plain = stage_fingerprint(cfg, ["up"]), stage_fingerprint(plain, ["up"])
-    monkeypatch.setattr(distiller, "INHERIT_PREFIXES", ("head.",))
-    # another inheriting rule: results made under the old one are neither reused nor merged
-    assert stage_fingerprint(cfg, ["up"]) != before
-    assert stage_fingerprint(plain, ["up"]) == before_plain
-    assert stage_fingerprint(cfg, ["other"]) != stage_fingerprint(cfg, ["up"])
+    def cfg(arch: str, inherit: bool = True) -> TrainConfig:
+        distill = DistillConfig(teacher_checkpoint="t.pt", inherit_teacher=inherit)
+        return TrainConfig(model=ModelConfig(arch=arch), distill=distill)
+
+    def unrevised(c: TrainConfig) -> str:  # what every version before revisions computed
+        plain = config_to_dict(c)
+        plain.pop("work_dir")
+        plain["data"].pop("root")
+        plain["distill"].pop("teacher_checkpoint")
+        return fingerprint(plain, ["up"])
+
+    assert inherit_revision(cfg("reppoints")) == 2 and inherit_revision(cfg("retinanet")) == 1
+    assert inherit_revision(cfg("reppoints", inherit=False)) == 0
+    # unchanged rules keep their fingerprints; RepPoints' revised one does not
+    assert stage_fingerprint(cfg("retinanet"), ["up"]) == unrevised(cfg("retinanet"))
+    assert stage_fingerprint(cfg("reppoints", False), ["up"]) == unrevised(cfg("reppoints", False))
+    before = stage_fingerprint(cfg("reppoints"), ["up"])
+    assert before != unrevised(cfg("reppoints"))
+    monkeypatch.setattr(distiller, "INHERIT_REVISION", {"reppoints": 3})
+    assert stage_fingerprint(cfg("reppoints"), ["up"]) != before

@@ -148,6 +148,22 @@ def test_detector_options_reach_the_detector() -> None:
     assert fcos.score_thresh == 0.3 and fcos.transform.size_divisible == 16
     rcnn = build_detector("faster_rcnn", **TINY, box_detections_per_img=7)
     assert rcnn.roi_heads.detections_per_img == 7
+    # RepPoints hands the transform's options on too
+    reppoints = build_detector("reppoints", **TINY, size_divisible=16, fixed_size=(64, 64))
+    assert reppoints.transform.size_divisible == 16
+
+
+def test_a_stored_spec_with_an_option_nobody_took_still_rebuilds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fgdistill.engine.checkpoint import build_from_spec
+
+    # written before options were checked: torchvision had ignored it, so the model lacks it
+    spec = {"arch": "retinanet", **TINY, "fpn_channels": 32, "scor_thresh": 0.2}
+    with caplog.at_level("WARNING"):
+        model = build_from_spec(spec)
+    assert model.score_thresh == 0.05
+    assert "leaving out ['scor_thresh'], which retinanet does not take" in caplog.text
 
 
 def test_reppoints_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,7 @@ from fgdistill.engine.config import (
 from fgdistill.engine.stages import (
     StageResult,
     SynthSettings,
+    inherit_revision,
     machine_line,
     merge,
     mmss,
@@ -544,13 +545,13 @@ def import_results(
     not finished; the work dir's own results always win, then the first file that has one.
     Where a file recorded a stage's fingerprint it must equal the plan's. A file written
     before fingerprints were recorded is checked by its teacher instead: its distilled rows
-    that inherit are never taken (they predate the current inheriting rule, which inheriting
-    stages' fingerprints now hold); its other distilled rows are taken only if its teacher of
-    that family has the same metrics as the work dir's teacher (retrained with the same
-    settings on another machine, say: twelve COCO metrics equal to 1e-9 mean the same model in
-    practice, and a teacher that trained differently shows it in them); its undistilled rows,
-    and distilled rows with no teacher of the work dir to check against, by row name and seed
-    alone. The notes say which check each result took.
+    that inherit under a rule revised since (``inherit_revision`` above 1: RepPoints) are
+    never taken; its other distilled rows are taken only if its teacher of that family has
+    the same metrics as the work dir's teacher (retrained with the same settings on another
+    machine, say: twelve COCO metrics equal to 1e-9 mean the same model in practice, and a
+    teacher that trained differently shows it in them); its undistilled rows, and distilled
+    rows with no teacher of the work dir to check against, by row name and seed alone. The
+    notes say which check each result took.
     """
     merged_teachers = dict(teachers)
     merged = {row.name: dict(results.get(row.name, {})) for row in plan.rows}
@@ -600,9 +601,9 @@ def import_results(
                         skipped.append(f"{label} (other settings: fingerprint differs)")
                         continue
                     check = "fingerprint"
-                elif row.config.distill is not None and row.config.distill.inherit_teacher:
-                    # older than fingerprints, so older than RepPoints' moment transfer being
-                    # inherited (2026-12-02): not pooled with seeds inherited the current way
+                elif inherit_revision(row.config) > 1:
+                    # older than fingerprints, so older than the current inheriting rule of
+                    # this architecture (RepPoints: 2026-12-02): not pooled with newer seeds
                     skipped.append(f"{label} (inherited by an older rule, before fingerprints)")
                     continue
                 elif row.config.distill is not None and row.family in teachers:

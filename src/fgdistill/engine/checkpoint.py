@@ -250,9 +250,13 @@ def build_from_spec(spec: Mapping[str, Any], *, pretrained: bool = False) -> nn.
     """Build a detector from its build kwargs.
 
     With ``pretrained=False`` (the default, used when weights are loaded right after) the
-    ``weights`` and ``weights_backbone`` entries are dropped so nothing is downloaded.
+    ``weights`` and ``weights_backbone`` entries are dropped so nothing is downloaded. An option
+    the detector does not take (recorded by an older version, which ignored it as torchvision
+    does) is left out with a warning: the model it describes was built without it.
     """
-    from fgdistill.models.build import build_detector
+    import inspect
+
+    from fgdistill.models.build import ARCHS, build_detector, detector_options
 
     kwargs = dict(spec)
     arch = kwargs.pop("arch", None)
@@ -261,6 +265,13 @@ def build_from_spec(spec: Mapping[str, Any], *, pretrained: bool = False) -> nn.
     if not pretrained:
         kwargs["weights"] = None
         kwargs["weights_backbone"] = None
+    if arch in ARCHS:
+        known = set(inspect.signature(build_detector).parameters) | detector_options(arch)
+        ignored = sorted(set(kwargs) - known)
+        if ignored:
+            logger.warning("model spec: leaving out %s, which %s does not take", ignored, arch)
+            for key in ignored:
+                del kwargs[key]
     return build_detector(arch, **kwargs)
 
 

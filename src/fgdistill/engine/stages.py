@@ -35,6 +35,7 @@ __all__ = [
     "SynthSettings",
     "cpu_name",
     "fingerprint",
+    "inherit_revision",
     "machine_line",
     "merge",
     "mmss",
@@ -188,19 +189,29 @@ def stage_fingerprint(cfg: TrainConfig, upstream: Sequence[str]) -> str:
 
     ``work_dir``, ``data.root`` and ``distill.teacher_checkpoint`` are left out, so a moved or
     copied work dir keeps its fingerprints. A stage that inherits the teacher's weights also
-    takes in what is inherited (:data:`~fgdistill.models.distiller.INHERIT_PREFIXES`), so a
-    change of that rule does not reuse or merge results made under the old one.
+    takes in the revision of what inheriting copies for its architecture
+    (:data:`~fgdistill.models.distiller.INHERIT_REVISION`) where that is above 1, so results
+    made under an older rule are neither reused nor merged, and other fingerprints stay as
+    they were.
     """
-    from fgdistill.models.distiller import INHERIT_PREFIXES
-
     plain = config_to_dict(cfg)
     plain.pop("work_dir")
     plain["data"].pop("root")
     if plain.get("distill"):
         plain["distill"].pop("teacher_checkpoint")
-        if plain["distill"].get("inherit_teacher"):
-            plain["distill"]["inherited"] = list(INHERIT_PREFIXES)
+        revision = inherit_revision(cfg)
+        if revision > 1:
+            plain["distill"]["inherit_revision"] = revision
     return fingerprint(plain, list(upstream))
+
+
+def inherit_revision(cfg: TrainConfig) -> int:
+    """The revision of the inheriting rule a stage trains under; 0 when it does not inherit."""
+    from fgdistill.models.distiller import INHERIT_REVISION
+
+    if cfg.distill is None or not cfg.distill.inherit_teacher:
+        return 0
+    return INHERIT_REVISION.get(cfg.model.arch, 1)
 
 
 def run_stage(

@@ -52,6 +52,7 @@ __all__ = [
     "LoadReport",
     "build_backbone",
     "build_detector",
+    "detector_options",
     "load_checkpoint",
     "load_state_dict_checked",
     "load_weights",
@@ -357,14 +358,18 @@ def _rpn_anchors(anchor_sizes: Sequence[int] | None) -> AnchorGenerator:
     return AnchorGenerator(tuple((x,) for x in bases), ((0.5, 1.0, 2.0),) * len(bases))
 
 
-def _reppoints(backbone: nn.Module, num_classes: int, **kwargs: Any) -> nn.Module:
+def _reppoints_class() -> type:
     try:
         from fgdistill.models.reppoints import RepPoints
     except ImportError as exc:
         if exc.name not in ("fgdistill.models.reppoints", None):
             raise
         raise ConfigError("reppoints not available in this installation") from exc
-    model: nn.Module = RepPoints(backbone, num_classes, **kwargs)
+    return RepPoints
+
+
+def _reppoints(backbone: nn.Module, num_classes: int, **kwargs: Any) -> nn.Module:
+    model: nn.Module = _reppoints_class()(backbone, num_classes, **kwargs)
     return model
 
 
@@ -484,6 +489,27 @@ def build_detector(
     return model
 
 
+def detector_options(arch: str) -> set[str]:
+    """The keyword options ``build_detector(arch, ...)`` passes on to the detector class.
+
+    Those of the class's constructor, less what ``build_detector`` sets itself (sizes, anchors,
+    heads), plus ``size_divisible`` and ``fixed_size``, which every detector hands on to its
+    ``GeneralizedRCNNTransform``.
+    """
+    if arch == "reppoints":
+        cls = _reppoints_class()
+    else:
+        cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}.get(arch, MaskRCNN)
+    named = {
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    ours = {"backbone", "num_classes", "min_size", "max_size", "head", "anchor_generator"}
+    ours |= {"rpn_anchor_generator", "rpn_head"}
+    return (named - ours) | {"size_divisible", "fixed_size"}
+
+
 def _check_options(arch: str, options: Mapping[str, Any]) -> None:
     """Raise ConfigError for a keyword the detector class of ``arch`` does not take.
 
@@ -492,23 +518,7 @@ def _check_options(arch: str, options: Mapping[str, Any]) -> None:
     """
     if not options:
         return
-    if arch == "reppoints":
-        from fgdistill.models.reppoints import RepPoints
-
-        cls: type = RepPoints
-    else:
-        cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}.get(arch, MaskRCNN)
-    named = [
-        p
-        for p in inspect.signature(cls).parameters.values()
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    ]
-    # set by build_detector itself (anchors and heads come from its own arguments)
-    ours = {"self", "backbone", "num_classes", "min_size", "max_size", "head", "anchor_generator"}
-    ours |= {"rpn_anchor_generator", "rpn_head"}
-    valid = {p.name for p in named} - ours
-    if arch != "reppoints":  # the rest reach GeneralizedRCNNTransform
-        valid |= {"size_divisible", "fixed_size"}
+    valid = detector_options(arch)
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(
