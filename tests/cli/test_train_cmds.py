@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -294,7 +295,7 @@ def test_distill_end_to_end(
 
 
 def test_a_fresh_start_leaves_nothing_of_an_earlier_run_to_resume(
-    synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: Path, synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fgdistill.engine import trainer as trainer_module
 
@@ -314,6 +315,12 @@ def test_a_fresh_start_leaves_nothing_of_an_earlier_run_to_resume(
         "categories.json",
         "notes.txt",
     ]
+    # ... but what the run itself reads stays, e.g. weights to start from in the same folder
+    shutil.copy(trained / "model.pt", work / "best.pt")
+    (work / "last.pt").write_text("an earlier run's")
+    args = ["train", str(cfg), "--work-dir", str(work), "--no-progress"]
+    assert main([*args, "--set", f"model.weights={work / 'best.pt'}"]) == 130
+    assert (work / "best.pt").is_file() and not (work / "last.pt").exists()
 
 
 @pytest.mark.parametrize("stop_at", [3])  # mid-epoch: 2 iterations per epoch

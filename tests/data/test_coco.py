@@ -355,8 +355,10 @@ def test_bad_entries_name_file_and_entry(tmp_path: Path, mutate: Any, expected: 
     assert expected in message
 
 
-def test_masks_without_segmentation(tmp_path: Path) -> None:
-    data = _set(("annotations", 0, "segmentation"), _DELETE)(_base())
+@pytest.mark.parametrize("empty", [_DELETE, []])
+def test_masks_without_segmentation(tmp_path: Path, empty: Any) -> None:
+    # an empty polygon list would train on an empty mask, then fail the segm evaluation
+    data = _set(("annotations", 0, "segmentation"), empty)(_base())
     message = _error_for(tmp_path, data, masks=True)
     assert "annotations[0] (id 1): masks were asked for" in message
     ann, img_dir = _write(tmp_path, data)

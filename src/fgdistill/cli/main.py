@@ -47,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     User errors (:class:`~fgdistill.errors.FgdistillError`, missing files) print one line on
     stderr and exit with code 2, never a bare traceback. Any other error is unexpected (a bug,
-    or a failure of the system): it prints its type and message and exits with code 1, and
-    with ``-v`` its traceback too.
+    or a failure of the system): it prints its type and message and the temporary file its
+    traceback was written to, and exits with code 1; with ``-v`` the traceback is printed too.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,13 +70,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last resort: no bare traceback unless asked for
         if args.verbose:
             traceback.print_exc()
+        where = _save_traceback()
         print(
             f"error: unexpected {type(exc).__name__}: {user_message(exc)}\n"
-            "(not an input error fgdistill knows of: run again with -v for the traceback, "
-            "and report it if it looks like a bug)",
+            f"(not an input error fgdistill knows of; the traceback is in {where}: "
+            "please report it if it looks like a bug)",
             file=sys.stderr,
         )
         return 1
+
+
+def _save_traceback() -> str:
+    """Write the exception being handled, with its traceback, to a new temporary file."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="fgdistill-error-", suffix=".txt", delete=False, encoding="utf-8"
+        ) as out:
+            traceback.print_exc(file=out)
+        return out.name
+    except OSError:
+        return "nowhere (no temporary file could be written; run again with -v)"
 
 
 def user_message(exc: BaseException) -> str:

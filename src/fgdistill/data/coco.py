@@ -679,10 +679,10 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
                 if degenerate_after_clipping(ann, img):
                     dropped.append(ann)
                     continue
-                if masks and ann.segmentation is None:
+                if masks and not ann.segmentation:  # None, or an empty list of polygons
                     raise DataError(
                         f"{ann_file}: annotations[{ann.index}] (id {ann.id}): masks were asked "
-                        "for but the annotation has no 'segmentation'"
+                        "for but the annotation has no or an empty 'segmentation'"
                     )
                 kept.append(ann)
             self._anns[img.id] = kept

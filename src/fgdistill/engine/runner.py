@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,6 +329,8 @@ def train(
     Raises:
         ConfigError, DataError, CheckpointError: for bad settings, data or checkpoints.
         NonFiniteLossError: when a loss term becomes NaN/inf (names the term).
+        NonFiniteError: on the CPU, when the FGD loss meets NaN/inf features (names the level;
+            :class:`NonFiniteLossError` is a subclass: catch this one for both).
     """
     device = du.init_from_env(cfg.device)
     world = du.get_world_size()
@@ -478,8 +480,9 @@ def train(
     else:
         if resume:
             logger.info("no %s to resume from; starting fresh", last)
+        du.barrier()  # every rank has read what it needs (the teacher, model.weights)
         if du.is_main():
-            _clear_earlier_run(work_dir)
+            _clear_earlier_run(work_dir, keep=_inputs_of(cfg))
     du.barrier()
 
     if trainer.finished:
@@ -545,13 +548,26 @@ RUN_OUTPUTS: tuple[str, ...] = (
 )
 
 
-def _clear_earlier_run(work_dir: Path) -> None:
+def _inputs_of(cfg: TrainConfig) -> set[Path]:
+    """Files a run reads its weights from (a teacher, ``model.weights``), resolved."""
+    paths = [cfg.model.weights, cfg.model.weights_backbone]
+    if cfg.distill is not None:
+        paths += [cfg.distill.teacher_checkpoint, cfg.distill.teacher.weights]
+    return {Path(p).expanduser().resolve() for p in paths if p and Path(p).expanduser().is_file()}
+
+
+def _clear_earlier_run(work_dir: Path, keep: Collection[Path] = ()) -> None:
     """Remove an earlier run's checkpoints and outputs from ``work_dir`` before a fresh start.
 
     Otherwise a fresh run that stops before its first checkpoint would leave the earlier run's
     ``last.pt`` for ``--resume`` to continue, and its model and metrics beside the new config.
+    Files in ``keep`` (this run's own inputs, e.g. a teacher in the same folder) stay, and so
+    does the ``model.yaml`` beside a kept model.
     """
-    removed = [name for name in RUN_OUTPUTS if (work_dir / name).is_file()]
+    kept = {p.name for p in keep if p.parent == work_dir.resolve()}
+    if kept & {"model.pt", "student.pt", "best.pt", "last.pt"}:
+        kept.add("model.yaml")
+    removed = [n for n in RUN_OUTPUTS if n not in kept and (work_dir / n).is_file()]
     for name in removed:
         (work_dir / name).unlink()
     if removed:

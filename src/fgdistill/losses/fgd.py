@@ -63,10 +63,13 @@ def _check_finite_cpu(name: str, x: Tensor) -> None:
     """Raise :class:`~fgdistill.errors.NonFiniteError` (a ``ValueError``) if a CPU tensor holds
     NaN or Inf (no-op on other devices)."""
     if x.device.type == "cpu" and not _is_compiling() and not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(
-            f"{name} contains NaN or Inf values (in training: the run diverged; a lower "
-            "optim.lr, optim.grad_clip or distill.fgd_warmup_iters may help)"
+        hint = (
+            "in training: the run diverged; a lower optim.lr, optim.grad_clip or "
+            "distill.fgd_warmup_iters may help"
+            if name == "student"
+            else "the teacher is frozen: its checkpoint or the input images hold NaN or Inf"
         )
+        raise NonFiniteError(f"{name} contains NaN or Inf values ({hint})")
 
 
 def check_loss_inputs(
