@@ -435,12 +435,19 @@ def test_compressed_rle_counts_decode_as_pycocotools_encodes() -> None:
             mask[:] = 1  # starts with an empty run of background
         counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
         runs = decode_rle_counts(counts)
-        assert runs is not None and sum(runs) == h * w
+        assert runs is not None and runs.sum() == h * w
         column_major = mask.flatten(order="F")
         values = np.repeat(np.arange(len(runs)) % 2, runs)  # runs alternate 0, 1, 0, ...
         assert np.array_equal(values, column_major)
-    assert decode_rle_counts("") == []
+    empty = decode_rle_counts("")
+    assert empty is not None and len(empty) == 0
     assert decode_rle_counts("a") is None  # continuation bit set, nothing follows
+    assert decode_rle_counts("é") is None and decode_rle_counts("zz") is None
+    # pycocotools writes runs 5, 2, 7, 1 as "527O": "O" is -1 (sign bit set), added to run 2
+    encoded = mask_utils.frPyObjects({"size": [3, 5], "counts": [5, 2, 7, 1]}, 3, 5)["counts"]
+    assert encoded == b"527O"
+    got = decode_rle_counts("527O")
+    assert got is not None and got.tolist() == [5, 2, 7, 1]
 
 
 def test_wide_grey_images_are_stretched_not_clipped(tmp_path: Path) -> None:

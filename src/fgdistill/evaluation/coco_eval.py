@@ -361,7 +361,7 @@ def _validate_results(data: Any, name: str, coco_gt: COCO, iou_type: str) -> lis
                     rle = {"size": seg["size"], "counts": seg["counts"].encode()}
                     runs = decode_rle_counts(seg["counts"])
                     h, w = seg["size"]
-                    if runs is None or min(runs, default=0) < 0 or sum(runs) != h * w:
+                    if runs is None or (runs < 0).any() or int(runs.sum()) != h * w:
                         raise ValueError(
                             f"compressed RLE counts do not decode to height * width = {h * w} "
                             "pixels"
