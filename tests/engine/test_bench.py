@@ -13,6 +13,7 @@ from fgdistill.engine.bench import (
     NOTES_MARKER,
     conclusions,
     import_results,
+    is_complete,
     load_bench_config,
     read_results_file,
     render_markdown,
@@ -158,6 +159,14 @@ def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
         {"a": {0: _result("a", 1.0, 0)}, "c": {0: _result("c", 3.0, 0)}},
     )
     assert [r["name"] for r in data["rows"]] == ["a", "b", "c"]
+    # A diagnostic row nobody ran leaves the table complete; a main row without a seed does not.
+    done = {"a": {0: _result("a", 1.0, 0)}, "b": {0: _result("b", 2.0, 0)}}
+    assert is_complete(plan, {"retinanet": teacher}, done)
+    assert not is_complete(plan, {}, done)
+    assert not is_complete(plan, {"retinanet": teacher}, {"a": done["a"]})
+    two_seeds = load_bench_config(cfg, diagnostics=True, seeds=[0, 1])
+    ran_c = {**done, "c": {0: _result("c", 3.0, 0)}}
+    assert not is_complete(two_seeds, {"retinanet": teacher}, ran_c)
     text = render_markdown({**data, **_RUN_INFO, "conclusions": []})
     table, diagnostics = text.split("Diagnostic rows")
     assert "| b |" in table and "| c |" not in table
@@ -269,6 +278,38 @@ def test_summary_statistics_gain_and_gap_share() -> None:
     assert rows["fgd"]["gap_share"] == pytest.approx(4.0 / 7.0)
     assert rows["fgd"]["wall_time_s"] == pytest.approx(10.5)
     assert data["baselines"] == {"retinanet": "baseline"}
+
+
+def test_gain_is_paired_by_seed() -> None:
+    # The baseline has a seed the row lacks: the gain is taken over the seeds both have, so
+    # the missing seed's luck does not enter the difference.
+    plan = load_bench_config(PACKAGED, rows=["baseline", "imitation", "fgd"], seeds=[0, 1, 2])
+    teacher = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
+    results = {
+        "baseline": {s: _result("baseline", ap, s) for s, ap in enumerate((2.0, 4.0, 9.0))},
+        "imitation": {s: _result("imitation", ap, s) for s, ap in enumerate((3.0, 5.0, 9.5))},
+        "fgd": {0: _result("fgd", 6.0, 0), 1: _result("fgd", 8.0, 1)},
+    }
+    data = summarise(plan, {"retinanet": teacher}, results)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["baseline"]["metrics"]["AP"]["mean"] == pytest.approx(5.0)  # all its seeds
+    assert rows["fgd"]["paired_seeds"] == [0, 1]
+    assert rows["fgd"]["gain_AP"] == pytest.approx(4.0)  # 7 - 3, not 7 - 5
+    assert rows["fgd"]["gap_AP"] == pytest.approx(7.0)
+    assert rows["fgd"]["gap_share"] == pytest.approx(4.0 / 7.0)
+    assert rows["imitation"]["paired_seeds"] == [0, 1, 2]
+    assert rows["imitation"]["gain_AP"] == pytest.approx(2.5 / 3)
+    data["conclusions"] = conclusions(data)
+    text = "\n".join(data["conclusions"])
+    assert "fgd: 7.00 AP, +4.00 over the baseline on the seeds both have, [0, 1], 57%" in text
+    assert (
+        "full FGD (fgd) beat plain feature imitation (imitation): 7.00 vs 5.83 AP (means over "
+        "different seeds: fgd [0, 1], imitation [0, 1, 2])." in text
+    )
+    assert "closed 57% of the 7.00 AP gap" in text
+    md = render_markdown({**data, **_RUN_INFO})
+    assert "| 4.00 * | 57% |" in md and "`fgd` seeds [0, 1]." in md
+    assert "| 0.83 | 17% |" in md  # same seeds as its baseline: no mark
 
 
 def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
@@ -576,6 +617,69 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
     assert sorted(got.results["baseline"]) == [0] and not got.results["fgd_no_inherit"]
     assert got.teachers["retinanet"].metrics == {"AP": 11.0}
     assert "checked by fingerprint 1" in got.notes[0] and "left out 1" in got.notes[0]
+
+
+def test_import_checks_the_teacher_even_with_fingerprints(tmp_path: Path) -> None:
+    # Same settings (fingerprints equal) but another teacher: another kind of CPU trains
+    # another teacher from the same config, so its distilled seeds are not pooled with ours.
+    plan = load_bench_config(PACKAGED, rows=["baseline", "fgd"], seeds=[0])
+    fps = {(r, s): f"fp-{r}-{s}" for r in ("baseline", "fgd") for s in (0, 1)}
+    path = _results_file(
+        tmp_path / "elsewhere.json", 11.0, {"baseline": {0: 2.0, 1: 3.0}, "fgd": {0: 6.0}}
+    )
+    data = json.loads(path.read_text())
+    for entry in data["rows"]:
+        entry["fingerprints"] = {s: f"fp-{entry['name']}-{s}" for s in entry["per_seed"]}
+    data["rows"].append({**data["rows"][0], "name": "renamed_row"})
+    path.write_text(json.dumps(data))
+    ours = StageResult("teacher", "t", {"AP": 10.0}, 100.0, 50, False, "/t")
+    lines: list[str] = []
+    got = import_results(
+        [(path, read_results_file(path))],
+        plan,
+        {"retinanet": ours},
+        {},
+        teacher_fps={},
+        stage_fps=fps,
+        say=lines.append,
+    )
+    assert sorted(got.results["baseline"]) == [0] and not got.results["fgd"]
+    assert f"import {path}: left out fgd seed 0 (distilled from another teacher)" in lines
+    # what the plan does not hold is named, not dropped in silence
+    assert f"import {path}: left out baseline seed 1 (seed not in --seeds)" in lines
+    assert f"import {path}: left out renamed_row (not a row of this plan)" in lines
+    # with no teacher of its own, the work dir takes the file's, by name only, and says so
+    lines = []
+    got = import_results(
+        [(path, read_results_file(path))],
+        plan,
+        {},
+        {},
+        teacher_fps={},
+        stage_fps=fps,
+        say=lines.append,
+    )
+    assert sorted(got.results["fgd"]) == [0]
+    assert f"import {path}: took teacher retinanet by name only (the file records no " in (
+        " ".join(lines)
+    )
+    assert "by name only: teacher retinanet" in got.notes[0]
+
+
+def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from fgdistill.engine.bench import _atomic_write, run_quality_bench
+
+    with pytest.raises(ConfigError, match=r"--results out\.json: name the Markdown file"):
+        run_quality_bench(tmp_path, config=PACKAGED, results_file="out.json", report_only=True)
+    target = tmp_path / "r.md"
+    _atomic_write(target, "x\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
 
 
 def test_merge_joins_an_earlier_work_dirs_results(

@@ -75,3 +75,31 @@ def test_an_inheriting_stage_is_fingerprinted_with_its_rules_revision(
     assert before != unrevised(cfg("reppoints"))
     monkeypatch.setattr(distiller, "INHERIT_REVISION", {"reppoints": 3})
     assert stage_fingerprint(cfg("reppoints"), ["up"]) != before
+
+
+def test_a_resumed_stage_counts_the_trainers_clock(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fgdistill.engine.stages import mmss, run_stage, write_stage
+
+    cfg = TrainConfig(model=ModelConfig(arch="retinanet"))
+    cfg.work_dir = str(tmp_path / "stage")
+    fp = stage_fingerprint(cfg, ["up"])
+    # an earlier attempt, stopped after its checkpoint: 3600 s of training before this one
+    folder = Path(cfg.work_dir)
+    folder.mkdir()
+    (folder / "last.pt").write_bytes(b"x")
+    write_stage(folder, {"fingerprint": fp, "complete": False, "wall_time_s": 0.0})
+    calls: list[bool] = []
+
+    def fake_train(c: TrainConfig, *, resume: bool, progress: bool) -> SimpleNamespace:
+        calls.append(resume)
+        return SimpleNamespace(metrics={"bbox": {"AP": 1.0}}, iterations=5, wall_time=3600.0)
+
+    result, _ = run_stage(
+        cfg, upstream=["up"], train_fn=fake_train, progress=False, say=lambda s: None, label="t"
+    )
+    assert calls == [True]
+    assert result is not None and result.wall_time_s == pytest.approx(3600.0)
+    assert read_stage(folder)["wall_time_s"] == pytest.approx(3600.0)
+    assert mmss(float("nan")) == "n/a" and mmss(61.4) == "1m01s"

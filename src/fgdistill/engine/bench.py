@@ -61,6 +61,7 @@ __all__ = [
     "Comparisons",
     "Imported",
     "import_results",
+    "is_complete",
     "load_bench_config",
     "read_results_file",
     "run_quality_bench",
@@ -387,6 +388,8 @@ def summarise(
     diagnostic rows without any result). The baseline of a family is its first row without a
     ``distill`` section; a row with its own ``baseline`` is measured against that row instead.
     A row trained for other epochs than its baseline gets its gain but no share of the gap.
+    Gain and share are paired by seed: taken over the seeds the row and its baseline both have
+    (``paired_seeds``), so a seed one of them lacks does not move the difference.
     """
     families = {row.family for row in plan.rows}
     baselines = {fam: name for fam, name in plan.baselines.items() if fam in families}
@@ -394,7 +397,7 @@ def summarise(
         if row.config.distill is None:
             baselines.setdefault(row.family, row.name)
     rows_out: list[dict[str, Any]] = []
-    means: dict[str, dict[str, float]] = {}
+    ap_per_seed: dict[str, dict[int, float]] = {}
     for row in plan.rows:
         per_seed = results.get(row.name, {})
         if row.diagnostic and not per_seed:
@@ -403,8 +406,10 @@ def summarise(
         for metric in METRICS:
             mean, std = _mean_std([r.metrics.get(metric, float("nan")) for r in per_seed.values()])
             stats[metric] = {"mean": mean, "std": std}
-        means[row.name] = {m: s["mean"] for m, s in stats.items()}
-        walls = [r.wall_time_s for r in per_seed.values()]
+        ap_per_seed[row.name] = {
+            s: float(r.metrics.get("AP", float("nan"))) for s, r in per_seed.items()
+        }
+        walls = [r.wall_time_s for r in per_seed.values() if not math.isnan(r.wall_time_s)]
         rows_out.append(
             {
                 "name": row.name,
@@ -432,12 +437,19 @@ def summarise(
     for out in rows_out:
         base = own[out["name"]] or baselines.get(out["family"])
         teacher = teachers.get(out["family"])
-        ap = means[out["name"]]["AP"]
-        base_ap = means[base]["AP"] if base in means else float("nan")
+        mine = ap_per_seed[out["name"]]
+        theirs = ap_per_seed.get(base, {}) if base is not None else {}
+        paired = sorted(set(mine) & set(theirs))
+        ap, _ = _mean_std([mine[s] for s in paired])
+        base_ap, _ = _mean_std([theirs[s] for s in paired])
         t_ap = teacher.metrics.get("AP", float("nan")) if teacher else float("nan")
         gap = t_ap - base_ap
         out["baseline"] = base
         out["epochs"] = epochs[out["name"]]
+        out["paired_seeds"] = paired
+        # the table's AP columns are means over each row's own seeds; say so where they differ
+        out["unpaired"] = bool(paired) and (paired != sorted(mine) or paired != sorted(theirs))
+        out["gap_AP"] = gap
         out["gain_AP"] = ap - base_ap
         # A row on another budget than its baseline differs in training length, not only in
         # distillation, so no share of the gap is claimed for it.
@@ -543,15 +555,16 @@ def import_results(
 
     A result is taken only for a family, or a row and seed, of the plan that the work dir has
     not finished; the work dir's own results always win, then the first file that has one.
-    Where a file recorded a stage's fingerprint it must equal the plan's. A file written
-    before fingerprints were recorded is checked by its teacher instead: its distilled rows
-    that inherit under a rule revised since (``inherit_revision`` above 1: RepPoints) are
-    never taken; its other distilled rows are taken only if its teacher of that family has
-    the same metrics as the work dir's teacher (retrained with the same settings on another
-    machine, say: twelve COCO metrics equal to 1e-9 mean the same model in practice, and a
-    teacher that trained differently shows it in them); its undistilled rows, and distilled
-    rows with no teacher of the work dir to check against, by row name and seed alone. The
-    notes say which check each result took.
+    Where a file recorded a stage's fingerprint it must equal the plan's. A distilled row is
+    taken only if the file's teacher of that family has the same metrics as the teacher the
+    row will be measured against (the work dir's, or one taken from an earlier file): the
+    fingerprint fixes the teacher's settings, but another kind of CPU trains another teacher
+    from them, and twelve COCO metrics equal to 1e-9 mean the same model in practice. A file
+    written before fingerprints were recorded is checked by its teacher alone: its distilled
+    rows that inherit under a rule revised since (``inherit_revision`` above 1: RepPoints)
+    are never taken; its undistilled rows, and distilled rows with no teacher to check
+    against, by row name and seed alone, and so is its teacher. Seeds outside the plan and
+    rows the plan lacks are left out. The notes say which check each result took.
     """
     merged_teachers = dict(teachers)
     merged = {row.name: dict(results.get(row.name, {})) for row in plan.rows}
@@ -562,6 +575,7 @@ def import_results(
         path = Path(file)
         counts = {"fingerprint": 0, "teacher": 0, "name": 0}
         skipped: list[str] = []
+        by_name_only: list[str] = []
         taken_teachers: list[str] = []
         for fam, t in data["teachers"].items():
             if fam not in families or fam in merged_teachers or not isinstance(t, dict):
@@ -570,6 +584,8 @@ def import_results(
             if fp and fp != teacher_fps.get(fam):
                 skipped.append(f"teacher {fam} (other settings: fingerprint differs)")
                 continue
+            if not fp:
+                by_name_only.append(f"teacher {fam}")
             merged_teachers[fam] = StageResult(
                 name=f"teacher_{fam}",
                 model=str(t.get("model", "")),
@@ -586,19 +602,37 @@ def import_results(
         for entry in data["rows"]:
             row = by_name.get(entry["name"])
             if row is None:
+                skipped.append(f"{entry['name']} (not a row of this plan)")
                 continue
             fps = entry.get("fingerprints") or {}
             walls = entry.get("per_seed_wall_s") or {}
             dirs = dict(zip(entry.get("seeds") or [], entry.get("work_dirs") or [], strict=False))
             for key, metrics in entry["per_seed"].items():
                 seed = int(key)
-                if seed not in plan.seeds or seed in merged[row.name]:
+                label = f"{row.name} seed {seed}"
+                if seed not in plan.seeds:
+                    skipped.append(f"{label} (seed not in --seeds)")
+                    continue
+                if seed in merged[row.name]:
                     continue
                 fp = str(fps.get(key) or "")
-                label = f"{row.name} seed {seed}"
+                # The teacher this row is measured against: the work dir's, or one taken
+                # from an earlier file. A fingerprint fixes the teacher's settings, not its
+                # weights (another kind of CPU trains another teacher from them), so a
+                # distilled row must also come from a teacher with the same metrics.
+                ours = merged_teachers.get(row.family)
+                theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
+                other_teacher = (
+                    row.config.distill is not None
+                    and ours is not None
+                    and not _same_metrics(theirs, ours.metrics)
+                )
                 if fp:
                     if fp != stage_fps.get((row.name, seed)):
                         skipped.append(f"{label} (other settings: fingerprint differs)")
+                        continue
+                    if other_teacher:
+                        skipped.append(f"{label} (distilled from another teacher)")
                         continue
                     check = "fingerprint"
                 elif inherit_revision(row.config) > 1:
@@ -606,9 +640,8 @@ def import_results(
                     # this architecture (RepPoints: 2026-12-02): not pooled with newer seeds
                     skipped.append(f"{label} (inherited by an older rule, before fingerprints)")
                     continue
-                elif row.config.distill is not None and row.family in teachers:
-                    theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
-                    if not _same_metrics(theirs, teachers[row.family].metrics):
+                elif row.config.distill is not None and ours is not None:
+                    if other_teacher:
                         skipped.append(f"{label} (distilled from another teacher)")
                         continue
                     check = "teacher"
@@ -631,6 +664,8 @@ def import_results(
                     imported.loss_magnitudes[row.name] = mags
         for line in skipped:
             say(f"import {path}: left out {line}")
+        for line in by_name_only:
+            say(f"import {path}: took {line} by name only (the file records no fingerprint)")
         taken = sum(counts.values())
         note = (
             f"from {path}: {taken} row result(s) of one seed"
@@ -638,6 +673,7 @@ def import_results(
             + f"; checked by fingerprint {counts['fingerprint']}, by the teacher's metrics "
             f"{counts['teacher']}, by row name and seed only {counts['name']}"
             + (f"; left out {len(skipped)}" if skipped else "")
+            + (f"; by name only: {', '.join(by_name_only)}" if by_name_only else "")
         )
         say(f"import {note}")
         imported.notes.append(note)
@@ -661,15 +697,21 @@ _TABLE_HEAD = (
 )
 
 
+def _unpaired(row: Mapping[str, Any]) -> bool:
+    """Whether the row's gain was taken over fewer seeds than it or its baseline has."""
+    return bool(row.get("unpaired", False))
+
+
 def _table_line(row: Mapping[str, Any]) -> str:
     cells = [_cell(row["metrics"][m]) for m in METRICS]
     share = row["gap_share"]
     n_imported = len(row.get("imported") or {})
     seeds = f"{len(row['seeds'])}" + (f" ({n_imported} imported)" if n_imported else "")
+    mark = " *" if _unpaired(row) else ""
     return (
         f"| {row['name']} | {row['model']} | {seeds} | "
         + " | ".join(cells)
-        + f" | {_fmt(row['gain_AP'])} | "
+        + f" | {_fmt(row['gain_AP'])}{mark} | "
         + ("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
         + f" | {mmss(row['wall_time_s']) if row['seeds'] else 'not run'} |"
     )
@@ -712,6 +754,14 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             "",
             *_TABLE_HEAD,
             *(_table_line(row) for row in diagnostic_rows),
+        ]
+    unpaired = [r for r in data["rows"] if _unpaired(r)]
+    if unpaired:
+        lines += [
+            "",
+            "\\* gain and gap closed over the seeds the row shares with its baseline only: "
+            + "; ".join(f"`{r['name']}` seeds {r['paired_seeds']}" for r in unpaired)
+            + ".",
         ]
     lines += ["", "Rows:", ""]
     for row in data["rows"]:
@@ -777,10 +827,11 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
                 continue
             b_ap, b_std = ap(own)
             r_ap, r_std = ap(row["name"])
+            gain = row.get("gain_AP", r_ap - b_ap)
             noise = max(v for v in (b_std, r_std, 0.0) if not math.isnan(v))
             beyond = (
                 "beyond the seed spread"
-                if noise > 0 and abs(r_ap - b_ap) > 2 * noise
+                if noise > 0 and abs(gain) > 2 * noise
                 else "within twice the seed spread"
                 if noise > 0
                 else "one seed, spread unknown"
@@ -794,8 +845,10 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
                     " training length, not distillation, so no share of the gap"
                 )
             over = "the baseline" if own == base else own
+            if _unpaired(row):
+                over += f" on the seeds both have, {row['paired_seeds']}"
             out.append(
-                f"{fam} {row['name']}: {r_ap:.2f} AP, {r_ap - b_ap:+.2f} over {over}"
+                f"{fam} {row['name']}: {r_ap:.2f} AP, {gain:+.2f} over {over}"
                 f"{share_text} ({beyond})."
             )
     compare = data.get("compare") or {}
@@ -821,7 +874,7 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             word = "beat" if f_ap > i_ap else "did NOT beat"
             out.append(
                 f"full FGD ({full}) {word} plain feature imitation ({imitation}): "
-                f"{f_ap:.2f} vs {i_ap:.2f} AP."
+                f"{f_ap:.2f} vs {i_ap:.2f} AP{_seed_sets(rows, [full, imitation])}."
             )
         share = rows[full]["gap_share"]
         if not math.isnan(share):
@@ -829,7 +882,7 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             family = rows[full]["family"]
             own = rows[full].get("baseline") or data["baselines"][family]
             t_ap = data["teachers"][family]["metrics"].get("AP", float("nan"))
-            gap = t_ap - ap(own)[0]
+            gap = rows[full].get("gap_AP", t_ap - ap(own)[0])
             small = "" if gap >= 5 else "; this gap is under the 5 AP target"
             out.append(
                 f"full FGD ({full}) closed {100 * share:.0f}% of the {gap:.2f} AP gap "
@@ -845,9 +898,36 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
         verdict = "reproduced" if paper else "NOT reproduced"
         out.append(
             f"Table 1 ordering here: {order}. The paper's, for RetinaNet (split 39.4 > fg 39.3 "
-            f"> bg 39.2 > joint 38.9): {verdict}."
+            f"> bg 39.2 > joint 38.9): {verdict}{_seed_sets(rows, list(table1))}."
         )
     return out
+
+
+def is_complete(
+    plan: BenchPlan,
+    teachers: Mapping[str, StageResult],
+    results: Mapping[str, Mapping[int, StageResult]],
+) -> bool:
+    """Whether every family has its teacher and every row every seed of the plan.
+
+    A diagnostic row with no result at all does not count: ``--report-only`` plans every
+    diagnostic row so that any finished one is reported, and most are never run.
+    """
+    counted = [row for row in plan.rows if results.get(row.name) or not row.diagnostic]
+    return set(teachers) >= {row.family for row in counted} and all(
+        len(results.get(row.name, {})) == len(plan.seeds) for row in counted
+    )
+
+
+def _seed_sets(rows: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
+    """``""`` when the rows ``names`` have the same seeds, else a note naming each row's."""
+    if len({tuple(rows[n]["seeds"]) for n in names}) <= 1:
+        return ""
+    return (
+        " (means over different seeds: "
+        + ", ".join(f"{n} {list(rows[n]['seeds'])}" for n in names)
+        + ")"
+    )
 
 
 def run_quality_bench(
@@ -886,6 +966,11 @@ def run_quality_bench(
     train_fn = train_fn or train
     if jobs < 1:
         raise ConfigError(f"--jobs: need at least 1, got {jobs}")
+    if results_file is not None and Path(results_file).suffix.lower() == ".json":
+        raise ConfigError(
+            f"--results {results_file}: name the Markdown file (e.g. docs/results.md); "
+            "the JSON is written beside it with the suffix .json"
+        )
     tell = say or logger.info
     start = time.perf_counter()
     # Read once, before anything trains (a wrong file fails first) or is written (the results
@@ -973,12 +1058,15 @@ def run_quality_bench(
             work,
             plan,
             merged,
-            complete=done == len(tasks)
-            and all(len(v) == len(plan.seeds) for v in merged.results.values())
-            and len(merged.teachers) == len(families),
+            complete=done == len(tasks) and is_complete(plan, merged.teachers, merged.results),
             wall=time.perf_counter() - start,
             command=command,
             results_file=results_file,
+            lanes=None
+            if report_only
+            else f"{jobs} at a time, {max(1, _threads() // jobs)} thread(s) each"
+            if jobs > 1
+            else "one at a time",
         )
 
     if jobs > 1 and not report_only:
@@ -1098,6 +1186,7 @@ def _write_results(
     wall: float,
     command: str,
     results_file: str | Path | None,
+    lanes: str | None = None,
 ) -> dict[str, Any]:
     data = summarise(plan, merged.teachers, merged.results)
     first = plan.seeds[0]
@@ -1115,7 +1204,8 @@ def _write_results(
     data.update(
         {
             "command": command,
-            "machine": machine_line(),
+            "machine": machine_line()
+            + (f"; the students of this invocation trained {lanes}" if lanes else ""),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seeds": plan.seeds,
             "status": "complete" if complete else "partial (rows still running or stopped)",
@@ -1149,9 +1239,17 @@ def _atomic_write(path: Path, text: str) -> None:
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        # mkstemp makes the file readable by its owner only; give it the usual mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _threads() -> int:

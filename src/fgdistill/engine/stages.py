@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -77,7 +78,9 @@ class StageResult:
 
 
 def mmss(seconds: float) -> str:
-    """``seconds`` as ``"12m05s"``."""
+    """``seconds`` as ``"12m05s"``; ``"n/a"`` where it is not known (NaN)."""
+    if math.isnan(seconds):
+        return "n/a"
     total = round(max(0.0, seconds))
     return f"{total // 60}m{total % 60:02d}s"
 
@@ -264,15 +267,15 @@ def run_stage(
     if not resume and folder.exists():
         shutil.rmtree(folder)
     say(f"{desc}: {'resuming' if resume else 'training'} in {folder}")
-    write_stage(
-        folder,
-        {"fingerprint": fp, "complete": False, "wall_time_s": stage.get("wall_time_s", 0.0)},
-    )
+    write_stage(folder, {"fingerprint": fp, "complete": False, "wall_time_s": 0.0})
     t0 = time.perf_counter()
     # train() fills in e.g. num_classes; keep the config the fingerprint was taken from.
     out = train_fn(copy.deepcopy(cfg), resume=resume, progress=progress)
-    wall = float(stage.get("wall_time_s", 0.0)) if resume else 0.0
-    wall += time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if resume:
+        # the trainer's clock counts the earlier attempts' training up to their last
+        # checkpoint; this attempt's own time adds set-up and the final evaluation
+        wall = max(wall, float(getattr(out, "wall_time", 0.0)))
     write_stage(folder, {"fingerprint": fp, "complete": True, "wall_time_s": round(wall, 2)})
     for name in TRAINING_CHECKPOINTS:
         (folder / name).unlink(missing_ok=True)
