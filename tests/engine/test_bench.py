@@ -682,6 +682,25 @@ def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
 
 
+def test_a_second_training_run_in_one_work_dir_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    from fgdistill.engine.bench import run_quality_bench
+
+    # another process holds the lock (a second open file description stands in for it)
+    (tmp_path / ".bench.lock").touch()
+    with open(tmp_path / ".bench.lock", "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another `fgdistill bench quality` is training"):
+            run_quality_bench(tmp_path, config=PACKAGED, rows=["baseline"], jobs=0)
+        # looking at what it finished is allowed
+        with pytest.raises(ConfigError, match="--jobs: need at least 1"):
+            run_quality_bench(tmp_path, config=PACKAGED, report_only=True, jobs=0)
+    # once it has ended, the lock is free
+    with pytest.raises(ConfigError, match="--jobs: need at least 1"):
+        run_quality_bench(tmp_path, config=PACKAGED, rows=["baseline"], jobs=0)
+
+
 def test_merge_joins_an_earlier_work_dirs_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

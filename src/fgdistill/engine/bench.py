@@ -19,6 +19,7 @@ measured.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -27,7 +28,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -958,8 +959,74 @@ def run_quality_bench(
     ``merge_from`` names earlier results JSON files whose results fill the gaps of the work dir
     (:func:`import_results`; e.g. a published table whose work dir is on another machine).
 
+    A run that trains holds a lock on ``work_dir`` (``.bench.lock``): a second one that would
+    train in the same work dir stops with a :class:`ConfigError` instead of training the same
+    teacher, or replacing the data, under the first. ``report_only`` takes no lock.
+
     Returns the summary written to ``work_dir/results.json``.
     """
+    with _work_dir_lock(Path(work_dir), enabled=not report_only):
+        return _run_quality_bench(
+            work_dir,
+            config=config,
+            overrides=overrides,
+            quick=quick,
+            seeds=seeds,
+            rows=rows,
+            results_file=results_file,
+            progress=progress,
+            train_fn=train_fn,
+            say=say,
+            command=command,
+            report_only=report_only,
+            diagnostics=diagnostics,
+            jobs=jobs,
+            merge_from=merge_from,
+        )
+
+
+@contextlib.contextmanager
+def _work_dir_lock(work: Path, *, enabled: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``work/.bench.lock`` (POSIX) for the block."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        enabled = False
+    if not enabled:
+        yield
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".bench.lock", "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{work}: another `fgdistill bench quality` is training in this work dir "
+                "(it holds .bench.lock); wait for it to end, or look at what it finished with "
+                "--report-only"
+            ) from None
+        yield
+
+
+def _run_quality_bench(
+    work_dir: str | Path,
+    *,
+    config: str | Path,
+    overrides: Sequence[str],
+    quick: bool,
+    seeds: Sequence[int] | None,
+    rows: Sequence[str] | None,
+    results_file: str | Path | None,
+    progress: bool,
+    train_fn: Callable[..., Any] | None,
+    say: Callable[[str], None] | None,
+    command: str | None,
+    report_only: bool,
+    diagnostics: bool,
+    jobs: int,
+    merge_from: Sequence[str | Path],
+) -> dict[str, Any]:
+    """The body of :func:`run_quality_bench`, inside its lock."""
     from fgdistill.engine.runner import train
 
     custom_train_fn = train_fn
