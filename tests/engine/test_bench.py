@@ -165,8 +165,12 @@ def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
     assert not is_complete(plan, {}, done)
     assert not is_complete(plan, {"retinanet": teacher}, {"a": done["a"]})
     two_seeds = load_bench_config(cfg, diagnostics=True, seeds=[0, 1])
-    ran_c = {**done, "c": {0: _result("c", 3.0, 0)}}
-    assert not is_complete(two_seeds, {"retinanet": teacher}, ran_c)
+    both = {n: {s: _result(n, 1.0, s) for s in (0, 1)} for n in ("a", "b")}
+    assert is_complete(two_seeds, {"retinanet": teacher}, both)
+    # a diagnostic row that ran counts: with one seed of two the table is partial
+    assert not is_complete(
+        two_seeds, {"retinanet": teacher}, {**both, "c": {0: _result("c", 3.0, 0)}}
+    )
     text = render_markdown({**data, **_RUN_INFO, "conclusions": []})
     table, diagnostics = text.split("Diagnostic rows")
     assert "| b |" in table and "| c |" not in table
@@ -306,10 +310,26 @@ def test_gain_is_paired_by_seed() -> None:
         "full FGD (fgd) beat plain feature imitation (imitation): 7.00 vs 5.83 AP (means over "
         "different seeds: fgd [0, 1], imitation [0, 1, 2])." in text
     )
-    assert "closed 57% of the 7.00 AP gap" in text
+    assert (
+        "closed 57% of the 7.00 AP gap (target >= 50%: MET; gap and gain over the seeds both "
+        in (text)
+    )
     md = render_markdown({**data, **_RUN_INFO})
     assert "| 4.00 * | 57% |" in md and "`fgd` seeds [0, 1]." in md
     assert "| 0.83 | 17% |" in md  # same seeds as its baseline: no mark
+
+    # no seed in common: no gain, said so, never a number
+    results["fgd"] = {2: _result("fgd", 6.0, 2)}
+    results["baseline"] = {0: _result("baseline", 2.0, 0)}
+    data = summarise(plan, {"retinanet": teacher}, results)
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    assert fgd["paired_seeds"] == [] and fgd["unpaired"] and math.isnan(fgd["gain_AP"])
+    data["conclusions"] = conclusions(data)
+    assert (
+        "retinanet fgd: 6.00 AP; no seed in common with the baseline, so no gain."
+        in (data["conclusions"])
+    )
+    assert "`fgd` no seed in common" in render_markdown({**data, **_RUN_INFO})
 
 
 def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
@@ -664,6 +684,14 @@ def test_import_checks_the_teacher_even_with_fingerprints(tmp_path: Path) -> Non
         " ".join(lines)
     )
     assert "by name only: teacher retinanet" in got.notes[0]
+    # a file without fingerprints, merged where there is no teacher: its distilled rows are
+    # not "checked" against the teacher it brought along
+    legacy = _results_file(tmp_path / "legacy.json", 11.0, {"fgd": {0: 6.0}})
+    got = import_results(
+        [(legacy, read_results_file(legacy))], plan, {}, {}, teacher_fps={}, stage_fps=fps
+    )
+    assert sorted(got.results["fgd"]) == [0]
+    assert "by the teacher's metrics 0, by row name and seed only 1" in got.notes[0]
 
 
 def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
@@ -681,24 +709,45 @@ def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
 
+    def fail(src: str, dst: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", fail)
+        with pytest.raises(OSError, match="disk full"):
+            _atomic_write(target, "y\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]  # no temporary file left
+    assert target.read_text() == "x\n"
+
 
 def test_a_second_training_run_in_one_work_dir_is_refused(tmp_path: Path) -> None:
     import fcntl
 
     from fgdistill.engine.bench import run_quality_bench
 
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stop  # the lock was taken: nothing needs to train
+
+    run = {"config": PACKAGED, "overrides": TINY, "rows": ["baseline"], "progress": False}
+    # a bad argument fails before the work dir is touched
+    with pytest.raises(ConfigError, match="--jobs: need at least 1"):
+        run_quality_bench(tmp_path / "never", **run, jobs=0)  # type: ignore[arg-type]
+    assert not (tmp_path / "never").exists()
     # another process holds the lock (a second open file description stands in for it)
     (tmp_path / ".bench.lock").touch()
     with open(tmp_path / ".bench.lock", "a+") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ConfigError, match="another `fgdistill bench quality` is training"):
-            run_quality_bench(tmp_path, config=PACKAGED, rows=["baseline"], jobs=0)
+            run_quality_bench(tmp_path, **run, train_fn=stop)  # type: ignore[arg-type]
         # looking at what it finished is allowed
-        with pytest.raises(ConfigError, match="--jobs: need at least 1"):
-            run_quality_bench(tmp_path, config=PACKAGED, report_only=True, jobs=0)
+        data = run_quality_bench(tmp_path, **run, report_only=True)  # type: ignore[arg-type]
+        assert data["status"].startswith("partial")
     # once it has ended, the lock is free
-    with pytest.raises(ConfigError, match="--jobs: need at least 1"):
-        run_quality_bench(tmp_path, config=PACKAGED, rows=["baseline"], jobs=0)
+    with pytest.raises(Stop):
+        run_quality_bench(tmp_path, **run, train_fn=stop)  # type: ignore[arg-type]
 
 
 def test_merge_joins_an_earlier_work_dirs_results(
@@ -709,6 +758,9 @@ def test_merge_joins_an_earlier_work_dirs_results(
         args += ["--set", item]
     first, second = tmp_path / "first", tmp_path / "second"
     assert main([*args, "--work-dir", str(first), "--seeds", "0"]) == 0
+    assert "- students trained by this invocation: one at a time" in (
+        (first / "results.md").read_text()
+    )
     # Another machine: the same teacher, seed 1; then one table of both seeds.
     assert main([*args, "--work-dir", str(second), "--seeds", "1"]) == 0
     capsys.readouterr()
@@ -717,7 +769,7 @@ def test_merge_joins_an_earlier_work_dirs_results(
     out = capsys.readouterr().out
     assert "| fgd | retinanet resnet18 | 2 (1 imported) |" in out
     data = json.loads((second / "results.json").read_text())
-    assert data["status"] == "complete"
+    assert data["status"] == "complete" and data["lanes"] is None  # trained nothing
     assert "checked by fingerprint 2" in data["imported"][0]
     fgd = next(r for r in data["rows"] if r["name"] == "fgd")
     first_fgd = json.loads((first / "results.json").read_text())["rows"][1]

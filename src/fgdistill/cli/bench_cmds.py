@@ -77,8 +77,9 @@ def register(subparsers: Any) -> None:
         help=(
             "fill in the results this work dir lacks from an earlier results JSON of this "
             "benchmark (e.g. docs/results.json, whose work dir is on another machine): taken "
-            "where its fingerprints match, or, in files without fingerprints, where its teacher's "
-            "metrics equal this work dir's; repeatable"
+            "where its fingerprints match and, for distilled rows, its teacher's metrics equal "
+            "the teacher they are measured against; in files without fingerprints by the "
+            "teacher's metrics alone; repeatable"
         ),
     )
     q.add_argument(
@@ -192,7 +193,8 @@ def _report(work: Path, data: dict[str, Any], metrics: tuple[str, ...]) -> Path 
                 if math.isnan(std)
                 else f"{mean:.2f} ± {std:.2f}"
             )
-        cells["gain AP"] = _two(r["gain_AP"], sign=True)
+        # "*": over the seeds the row shares with its baseline only (results.md says which)
+        cells["gain AP"] = _two(r["gain_AP"], sign=True) + (" *" if r.get("unpaired") else "")
         table.append(cells)
     seed_dir = work / f"seed{seed}"
     curve_runs = [seed_dir / n for n in (base, *imitations[:1], *split[:1], full)]

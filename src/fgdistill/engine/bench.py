@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import json
 import logging
 import math
@@ -440,7 +441,8 @@ def summarise(
         teacher = teachers.get(out["family"])
         mine = ap_per_seed[out["name"]]
         theirs = ap_per_seed.get(base, {}) if base is not None else {}
-        paired = sorted(set(mine) & set(theirs))
+        known = {s for s, v in mine.items() if not math.isnan(v)}
+        paired = sorted(known & {s for s, v in theirs.items() if not math.isnan(v)})
         ap, _ = _mean_std([mine[s] for s in paired])
         base_ap, _ = _mean_std([theirs[s] for s in paired])
         t_ap = teacher.metrics.get("AP", float("nan")) if teacher else float("nan")
@@ -449,7 +451,8 @@ def summarise(
         out["epochs"] = epochs[out["name"]]
         out["paired_seeds"] = paired
         # the table's AP columns are means over each row's own seeds; say so where they differ
-        out["unpaired"] = bool(paired) and (paired != sorted(mine) or paired != sorted(theirs))
+        same = paired == sorted(mine) == sorted(theirs)
+        out["unpaired"] = bool(mine) and bool(theirs) and not same
         out["gap_AP"] = gap
         out["gain_AP"] = ap - base_ap
         # A row on another budget than its baseline differs in training length, not only in
@@ -622,6 +625,8 @@ def import_results(
                 # weights (another kind of CPU trains another teacher from them), so a
                 # distilled row must also come from a teacher with the same metrics.
                 ours = merged_teachers.get(row.family)
+                if ours is not None and ours.imported_from == str(path):
+                    ours = None  # the file's own teacher: nothing to check against
                 theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
                 other_teacher = (
                     row.config.distill is not None
@@ -731,6 +736,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         f"- machine: {data['machine']}",
         f"- date: {data['date']}",
         f"- seeds: {data['seeds']}; status: {data['status']}",
+        *([f"- students trained by this invocation: {data['lanes']}"] if data.get("lanes") else []),
         f"- wall time of this invocation: {mmss(data['wall_time_s'])} "
         "(reused stages count their original time in the table, not here)",
         *(f"- imported {note}" for note in data.get("imported") or []),
@@ -761,7 +767,12 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         lines += [
             "",
             "\\* gain and gap closed over the seeds the row shares with its baseline only: "
-            + "; ".join(f"`{r['name']}` seeds {r['paired_seeds']}" for r in unpaired)
+            + "; ".join(
+                f"`{r['name']}` seeds {r['paired_seeds']}"
+                if r["paired_seeds"]
+                else f"`{r['name']}` no seed in common"
+                for r in unpaired
+            )
             + ".",
         ]
     lines += ["", "Rows:", ""]
@@ -829,6 +840,12 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             b_ap, b_std = ap(own)
             r_ap, r_std = ap(row["name"])
             gain = row.get("gain_AP", r_ap - b_ap)
+            if math.isnan(gain):
+                out.append(
+                    f"{fam} {row['name']}: {r_ap:.2f} AP; no seed in common with "
+                    f"{'the baseline' if own == base else own}, so no gain."
+                )
+                continue
             noise = max(v for v in (b_std, r_std, 0.0) if not math.isnan(v))
             beyond = (
                 "beyond the seed spread"
@@ -885,6 +902,8 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             t_ap = data["teachers"][family]["metrics"].get("AP", float("nan"))
             gap = rows[full].get("gap_AP", t_ap - ap(own)[0])
             small = "" if gap >= 5 else "; this gap is under the 5 AP target"
+            if _unpaired(rows[full]):
+                small += f"; gap and gain over the seeds both have, {rows[full]['paired_seeds']}"
             out.append(
                 f"full FGD ({full}) closed {100 * share:.0f}% of the {gap:.2f} AP gap "
                 f"(target >= 50%: {verdict}{small})."
@@ -965,29 +984,47 @@ def run_quality_bench(
 
     Returns the summary written to ``work_dir/results.json``.
     """
-    with _work_dir_lock(Path(work_dir), enabled=not report_only):
+    if jobs < 1:
+        raise ConfigError(f"--jobs: need at least 1, got {jobs}")
+    if results_file is not None and Path(results_file).suffix.lower() == ".json":
+        raise ConfigError(
+            f"--results {results_file}: name the Markdown file (e.g. docs/results.md); "
+            "the JSON is written beside it with the suffix .json"
+        )
+    # Read once, before anything trains (a wrong file fails first) or is written (the results
+    # file may be the one merged from).
+    sources = [(Path(f), read_results_file(f)) for f in merge_from]
+    plan = load_bench_config(
+        config,
+        overrides,
+        quick=quick,
+        seeds=seeds,
+        rows=rows,
+        diagnostics=diagnostics or report_only,
+    )
+    with _work_dir_lock(Path(work_dir), enabled=not report_only, say=say or logger.warning):
         return _run_quality_bench(
-            work_dir,
-            config=config,
-            overrides=overrides,
-            quick=quick,
-            seeds=seeds,
-            rows=rows,
+            Path(work_dir),
+            plan,
+            sources,
             results_file=results_file,
             progress=progress,
             train_fn=train_fn,
             say=say,
             command=command,
             report_only=report_only,
-            diagnostics=diagnostics,
             jobs=jobs,
             merge_from=merge_from,
         )
 
 
 @contextlib.contextmanager
-def _work_dir_lock(work: Path, *, enabled: bool) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``work/.bench.lock`` (POSIX) for the block."""
+def _work_dir_lock(work: Path, *, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``work/.bench.lock`` (POSIX) for the block.
+
+    Where the file system cannot lock (some network mounts), ``say`` warns and the block runs
+    without the lock.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -1005,53 +1042,32 @@ def _work_dir_lock(work: Path, *, enabled: bool) -> Iterator[None]:
                 "(it holds .bench.lock); wait for it to end, or look at what it finished with "
                 "--report-only"
             ) from None
+        except OSError as exc:
+            say(f"{work}: cannot lock .bench.lock ({exc}); running without the lock")
         yield
 
 
 def _run_quality_bench(
-    work_dir: str | Path,
+    work: Path,
+    plan: BenchPlan,
+    sources: Sequence[tuple[Path, dict[str, Any]]],
     *,
-    config: str | Path,
-    overrides: Sequence[str],
-    quick: bool,
-    seeds: Sequence[int] | None,
-    rows: Sequence[str] | None,
     results_file: str | Path | None,
     progress: bool,
     train_fn: Callable[..., Any] | None,
     say: Callable[[str], None] | None,
     command: str | None,
     report_only: bool,
-    diagnostics: bool,
     jobs: int,
     merge_from: Sequence[str | Path],
 ) -> dict[str, Any]:
-    """The body of :func:`run_quality_bench`, inside its lock."""
+    """The body of :func:`run_quality_bench`, after its checks, inside its lock."""
     from fgdistill.engine.runner import train
 
     custom_train_fn = train_fn
     train_fn = train_fn or train
-    if jobs < 1:
-        raise ConfigError(f"--jobs: need at least 1, got {jobs}")
-    if results_file is not None and Path(results_file).suffix.lower() == ".json":
-        raise ConfigError(
-            f"--results {results_file}: name the Markdown file (e.g. docs/results.md); "
-            "the JSON is written beside it with the suffix .json"
-        )
     tell = say or logger.info
     start = time.perf_counter()
-    # Read once, before anything trains (a wrong file fails first) or is written (the results
-    # file may be the one merged from).
-    sources = [(Path(f), read_results_file(f)) for f in merge_from]
-    work = Path(work_dir)
-    plan = load_bench_config(
-        config,
-        overrides,
-        quick=quick,
-        seeds=seeds,
-        rows=rows,
-        diagnostics=diagnostics or report_only,
-    )
     work.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(shlex.quote(a) for a in ["fgdistill", *sys.argv[1:]])
     data_dir = work / "data"
@@ -1129,8 +1145,9 @@ def _run_quality_bench(
             wall=time.perf_counter() - start,
             command=command,
             results_file=results_file,
+            # how this invocation's students trained: None where it trained none
             lanes=None
-            if report_only
+            if report_only or all(r.reused for per in results.values() for r in per.values())
             else f"{jobs} at a time, {max(1, _threads() // jobs)} thread(s) each"
             if jobs > 1
             else "one at a time",
@@ -1271,8 +1288,8 @@ def _write_results(
     data.update(
         {
             "command": command,
-            "machine": machine_line()
-            + (f"; the students of this invocation trained {lanes}" if lanes else ""),
+            "machine": machine_line(),
+            "lanes": lanes,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seeds": plan.seeds,
             "status": "complete" if complete else "partial (rows still running or stopped)",
@@ -1310,13 +1327,21 @@ def _atomic_write(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         # mkstemp makes the file readable by its owner only; give it the usual mode
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it for a moment)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _threads() -> int:

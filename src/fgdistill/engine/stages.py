@@ -274,7 +274,8 @@ def run_stage(
     wall = time.perf_counter() - t0
     if resume:
         # the trainer's clock counts the earlier attempts' training up to their last
-        # checkpoint; this attempt's own time adds set-up and the final evaluation
+        # checkpoint and this attempt's training and final evaluation; what it leaves out
+        # (each attempt's set-up) is small, so the larger of the two clocks is kept
         wall = max(wall, float(getattr(out, "wall_time", 0.0)))
     write_stage(folder, {"fingerprint": fp, "complete": True, "wall_time_s": round(wall, 2)})
     for name in TRAINING_CHECKPOINTS:
