@@ -611,6 +611,19 @@ def import_results(
             fps = entry.get("fingerprints") or {}
             walls = entry.get("per_seed_wall_s") or {}
             dirs = dict(zip(entry.get("seeds") or [], entry.get("work_dirs") or [], strict=False))
+            # The teacher this row is measured against: the work dir's, or one taken from an
+            # earlier file. A fingerprint fixes the teacher's settings, not its weights
+            # (another kind of CPU trains another teacher from them), so a distilled row must
+            # also come from a teacher with the same metrics.
+            ours = merged_teachers.get(row.family)
+            if ours is not None and ours.imported_from == str(path):
+                ours = None  # the file's own teacher: nothing to check against
+            theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
+            other_teacher = (
+                row.config.distill is not None
+                and ours is not None
+                and not _same_metrics(theirs, ours.metrics)
+            )
             for key, metrics in entry["per_seed"].items():
                 seed = int(key)
                 label = f"{row.name} seed {seed}"
@@ -620,19 +633,6 @@ def import_results(
                 if seed in merged[row.name]:
                     continue
                 fp = str(fps.get(key) or "")
-                # The teacher this row is measured against: the work dir's, or one taken
-                # from an earlier file. A fingerprint fixes the teacher's settings, not its
-                # weights (another kind of CPU trains another teacher from them), so a
-                # distilled row must also come from a teacher with the same metrics.
-                ours = merged_teachers.get(row.family)
-                if ours is not None and ours.imported_from == str(path):
-                    ours = None  # the file's own teacher: nothing to check against
-                theirs = (data["teachers"].get(row.family) or {}).get("metrics") or {}
-                other_teacher = (
-                    row.config.distill is not None
-                    and ours is not None
-                    and not _same_metrics(theirs, ours.metrics)
-                )
                 if fp:
                     if fp != stage_fps.get((row.name, seed)):
                         skipped.append(f"{label} (other settings: fingerprint differs)")
@@ -1014,7 +1014,6 @@ def run_quality_bench(
             command=command,
             report_only=report_only,
             jobs=jobs,
-            merge_from=merge_from,
         )
 
 
@@ -1059,7 +1058,6 @@ def _run_quality_bench(
     command: str | None,
     report_only: bool,
     jobs: int,
-    merge_from: Sequence[str | Path],
 ) -> dict[str, Any]:
     """The body of :func:`run_quality_bench`, after its checks, inside its lock."""
     from fgdistill.engine.runner import train
@@ -1126,7 +1124,7 @@ def _run_quality_bench(
         if report_only and done < len(tasks):
             return
         merged = Imported(teachers, {k: dict(v) for k, v in results.items()})
-        if merge_from:
+        if sources:
             merged = import_results(
                 sources,
                 plan,
