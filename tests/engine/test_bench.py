@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from fgdistill.engine.bench import (
     load_bench_config,
     read_results_file,
     render_markdown,
+    run_quality_bench,
     summarise,
 )
 from fgdistill.engine.stages import StageResult
@@ -135,6 +139,27 @@ _TWO_BUDGETS = (
 )
 
 
+def test_chosen_rows_bring_their_own_baseline(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(_FAMILY + _TWO_BUDGETS)
+    names = lambda *rows: [r.name for r in load_bench_config(cfg, rows=list(rows)).rows]  # noqa: E731
+    assert names("b") == ["a", "b"]
+    assert names("d") == ["c", "d"]  # d's own baseline, not the family's
+    assert names("c") == ["a", "c"]  # an undistilled row on another budget is measured too
+    assert names("a") == ["a"]
+    cfg.write_text(_FAMILY + _TWO_BUDGETS + "skip_rows: [a]\n")
+    assert names("b") == ["b"]  # a skipped baseline stays skipped
+
+
+def test_the_run_says_which_baseline_it_added(tmp_path: Path) -> None:
+    lines: list[str] = []
+    data = run_quality_bench(
+        tmp_path, config=PACKAGED, rows=["fgd"], report_only=True, say=lines.append, seeds=[0]
+    )
+    assert any(line.startswith("also running baseline:") for line in lines), lines
+    assert [r["name"] for r in data["rows"]] == ["baseline"]  # fgd, a diagnostic, is apart
+
+
 def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(
@@ -148,7 +173,8 @@ def test_diagnostics_run_only_on_request(tmp_path: Path) -> None:
     assert [(r.name, r.diagnostic) for r in plan.rows] == [("a", 0), ("b", 0), ("c", 1)]
     assert plan.rows[1].config.distill is not None
     assert not plan.rows[1].config.distill.inherit_teacher  # the anchor was read
-    assert [r.name for r in load_bench_config(cfg, rows=["c"]).rows] == ["c"]
+    # A chosen row brings its baseline, so its gain can be computed.
+    assert [r.name for r in load_bench_config(cfg, rows=["c"]).rows] == ["a", "c"]
     # A diagnostic row is reported once it has a result, in a table of its own.
     teacher = StageResult("teacher", "t", {"AP": 9.0}, 1.0, 5, False, "/t")
     empty = summarise(plan, {"retinanet": teacher}, {"a": {0: _result("a", 1.0, 0)}})
@@ -521,6 +547,49 @@ def test_parallel_jobs_train_the_stages_a_serial_run_reuses(
     assert "--jobs: need at least 1, got 0" in capsys.readouterr().err
 
 
+_ORPHAN_PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from fgdistill.engine.bench import _die_with_parent
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, get_context("spawn"), _die_with_parent, (os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)  # the initializer has run
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet counts as dead)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_a_pool_worker_dies_with_its_killed_parent(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        assert _alive(worker)
+        parent.kill()  # SIGKILL: no clean-up runs in the parent
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), f"pool worker {worker} outlived its parent"
+    finally:
+        parent.kill()
+
+
 def _results_file(path: Path, teacher_ap: float, rows: dict[str, dict[int, float]]) -> Path:
     """A results JSON as written before fingerprints were recorded (e.g. docs/results.json)."""
     entries = [
@@ -578,6 +647,7 @@ def test_import_fills_gaps_checked_by_teacher_or_fingerprint(tmp_path: Path) -> 
         "baseline": [0, 1, 2],
         "fgd_no_inherit": [0, 1, 2],
         "fgd": [0],
+        "reppoints_baseline_8ep": [],  # brought by the chosen RepPoints row; the file has none
         "reppoints_fgd_norm_8ep": [],
     }
     # a file older than fingerprints is older than RepPoints' current inheriting rule (RetinaNet's
@@ -698,7 +768,7 @@ def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
     import os
     import stat
 
-    from fgdistill.engine.bench import _atomic_write, run_quality_bench
+    from fgdistill.engine.bench import _atomic_write
 
     with pytest.raises(ConfigError, match=r"--results out\.json: name the Markdown file"):
         run_quality_bench(tmp_path, config=PACKAGED, results_file="out.json", report_only=True)

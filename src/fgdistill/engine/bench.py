@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -165,7 +166,8 @@ def load_bench_config(
     ``quick`` merges the file's ``quick`` section over the rest; ``overrides`` (``--set``
     dotted keys) apply after that; ``seeds`` replaces the seeds. The plan runs the ``rows``
     section, plus the ``diagnostics`` section with ``diagnostics``, less ``skip_rows``; ``rows``
-    (names from either section) selects instead.
+    (names from either section) selects instead, and brings the baseline each chosen row's
+    gain is measured against.
 
     Raises:
         ConfigError: naming the file and the key: an unknown section or key, a row of an
@@ -236,7 +238,15 @@ def load_bench_config(
             unknown = [r for r in rows if r not in by_name]
             if unknown:
                 raise _unknown(unknown[0], sorted(by_name), "--rows")
-            chosen = [r for r in all_rows if r.name in set(rows)]
+            # A chosen row's gain is measured against its baseline: that row comes too (reused
+            # where it finished before), unless the config skips it.
+            wanted = set(rows)
+            wanted |= {
+                r.baseline or baselines[r.family]
+                for r in all_rows
+                if r.name in wanted and r.family in baselines
+            }
+            chosen = [r for r in all_rows if r.name in wanted]
         else:
             chosen = [r for r in all_rows if diagnostics or not r.diagnostic]
         plan_rows = [r for r in chosen if r.name not in skip]
@@ -1002,6 +1012,13 @@ def run_quality_bench(
         rows=rows,
         diagnostics=diagnostics or report_only,
     )
+    if rows is not None:
+        added = [r.name for r in plan.rows if r.name not in set(rows)]
+        if added:
+            (say or logger.info)(
+                f"also running {', '.join(added)}: the baseline the chosen rows' gains are "
+                "measured against (reused where it has finished)"
+            )
     with _work_dir_lock(Path(work_dir), enabled=not report_only, say=say or logger.warning):
         return _run_quality_bench(
             Path(work_dir),
@@ -1216,7 +1233,12 @@ def _run_in_parallel(
     threads = max(1, _threads() // jobs)
     tell(f"training {len(pending)} runs, {jobs} at a time, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(pending)),
+        mp_context=context,
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         futures = {pool.submit(_train_in_child, task, threads, train_fn): task for task in pending}
         try:
             for future in as_completed(futures):
@@ -1225,6 +1247,27 @@ def _run_in_parallel(
             for future in futures:
                 future.cancel()
             raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to stop this pool worker when its parent ``parent`` dies.
+
+    Killing only the ``bench quality`` process (``kill -9``, an out-of-memory kill) would otherwise
+    leave its workers training for hours with nobody to record their results. Linux only; a worker
+    elsewhere still stops when its parent exits cleanly.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the worker lives on as before
+            return
+    if os.getppid() != parent:  # the parent died before the request took hold
+        os._exit(1)
 
 
 def _quiet(line: str) -> None:
@@ -1317,7 +1360,6 @@ def _write_results(
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write to a unique temporary file beside ``path``, then rename it over ``path``."""
-    import os
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1335,8 +1377,6 @@ def _atomic_write(path: Path, text: str) -> None:
 @functools.cache
 def _umask() -> int:
     """The process's umask, read once (reading it means setting it for a moment)."""
-    import os
-
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
