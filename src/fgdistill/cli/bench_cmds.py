@@ -38,7 +38,10 @@ def register(subparsers: Any) -> None:
         "--rows",
         nargs="+",
         default=None,
-        help="run only these rows (names, from the table or the diagnostics)",
+        help=(
+            "run only these rows (names, from the table or the diagnostics), with the baseline "
+            "each one's gain is measured against"
+        ),
     )
     q.add_argument(
         "--jobs",
