@@ -1016,8 +1016,9 @@ def run_quality_bench(
         added = [r.name for r in plan.rows if r.name not in set(rows)]
         if added:
             (say or logger.info)(
-                f"also running {', '.join(added)}: the baseline the chosen rows' gains are "
-                "measured against (reused where it has finished)"
+                f"also running {', '.join(added)}: the "
+                f"{'baselines' if len(added) > 1 else 'baseline'} the chosen rows' gains are "
+                "measured against (reused where finished)"
             )
     with _work_dir_lock(Path(work_dir), enabled=not report_only, say=say or logger.warning):
         return _run_quality_bench(
