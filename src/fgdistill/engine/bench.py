@@ -152,6 +152,11 @@ def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+def _baseline_of(row: BenchRow, baselines: Mapping[str, str]) -> str | None:
+    """The row a row's gain is measured against: its own ``baseline``, else its family's."""
+    return row.baseline or baselines.get(row.family)
+
+
 def load_bench_config(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -241,11 +246,8 @@ def load_bench_config(
             # A chosen row's gain is measured against its baseline: that row comes too (reused
             # where it finished before), unless the config skips it.
             wanted = set(rows)
-            wanted |= {
-                r.baseline or baselines[r.family]
-                for r in all_rows
-                if r.name in wanted and r.family in baselines
-            }
+            brought = (_baseline_of(r, baselines) for r in all_rows if r.name in wanted)
+            wanted |= {name for name in brought if name is not None}
             chosen = [r for r in all_rows if r.name in wanted]
         else:
             chosen = [r for r in all_rows if diagnostics or not r.diagnostic]
@@ -321,7 +323,7 @@ def _parse_compare(
             if name not in by_name:
                 raise _unknown(name, sorted(by_name), where)
         rows = [by_name[n] for n in group]
-        base = {r.baseline or baselines.get(r.family) for r in rows}
+        base = {_baseline_of(r, baselines) for r in rows}
         if len({r.family for r in rows}) > 1 or len(base) > 1:
             raise ConfigError(f"{where}: rows {list(group)} differ in family or baseline")
         if len({r.config.optim.epochs for r in rows}) > 1:
@@ -444,10 +446,10 @@ def summarise(
                 "work_dirs": [r.work_dir for _, r in sorted(per_seed.items())],
             }
         )
-    own = {row.name: row.baseline for row in plan.rows}
+    plan_by_name = {row.name: row for row in plan.rows}
     epochs = {row.name: row.config.optim.epochs for row in plan.rows}
     for out in rows_out:
-        base = own[out["name"]] or baselines.get(out["family"])
+        base = _baseline_of(plan_by_name[out["name"]], baselines)
         teacher = teachers.get(out["family"])
         mine = ap_per_seed[out["name"]]
         theirs = ap_per_seed.get(base, {}) if base is not None else {}
