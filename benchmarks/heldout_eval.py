@@ -104,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.data_seed,
             difficulty=args.difficulty,
         )
-    teacher_stage = next(
-        (w / args.teacher for w in args.work_dir if _checkpoint(w / args.teacher)), None
-    )
-    if teacher_stage is None:
+    found = [(w / args.teacher, _checkpoint(w / args.teacher)) for w in args.work_dir]
+    teacher_stage, teacher_ckpt = next(((s, c) for s, c in found if c), (None, None))
+    if teacher_stage is None or teacher_ckpt is None:
         print(f"error: no finished {args.teacher} in {[str(w) for w in args.work_dir]}")
         return 2
-    teacher_ckpt = _checkpoint(teacher_stage)
-    assert teacher_ckpt is not None
     teacher = _evaluate(teacher_stage, teacher_ckpt, data, args.out / args.teacher, args.force)
 
     # (row, seed) -> (held-out metrics, validation AP)
@@ -125,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is None:
                 continue
             held = _evaluate(stage, ckpt, data, args.out / f"seed{seed}" / row, args.force)
-            val = _metrics(stage / "metrics.json")["AP"]
+            val_file = stage / "metrics.json"
+            val = _metrics(val_file)["AP"] if val_file.is_file() else math.nan
             scores.setdefault(row, {})[seed] = (held, val)
     base = scores.get(args.baseline, {})
     if not base:
