@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ PACKAGED = Path(__file__).resolve().parents[2] / "src/fgdistill/configs/bench/qu
 TINY = [
     "synth.num_train=8",
     "synth.num_val=4",
+    "heldout.images=0",
     "common.model.fpn_channels=32",
     "common.model.head_norm=null",
     "common.data.batch_size=4",
@@ -117,6 +119,9 @@ def test_packaged_config_rows() -> None:
     assert 0 < len(table) < len(plan.rows) and all(r.name in names for r in table)
     quick = load_bench_config(PACKAGED, quick=True)
     assert quick.seeds == [0] and quick.synth.num_train < plan.synth.num_train
+    # Every finished stage is also scored on images the options were not chosen on.
+    assert plan.heldout.images >= plan.synth.num_val and plan.heldout.seed != plan.synth.seed
+    assert 0 < quick.heldout.images < plan.heldout.images
     # The issue's eight RetinaNet rows, nothing more.
     assert [r.name for r in quick.rows] == ISSUE_ROWS["retinanet"]
 
@@ -261,6 +266,18 @@ _RUN_INFO = {
         (
             _FAMILY + "rows: [{name: a}]\ndiagnostics: [{name: a}]\n",
             "diagnostics[0]: duplicate row name 'a'",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\nheldout: {images: 10, seed: 0}\n",
+            "heldout.seed: 0 is synth.seed too",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\nheldout: {imgs: 10}\n",
+            "heldout.imgs: unknown key",
+        ),
+        (
+            _FAMILY + "rows: [{name: a}]\nheldout: {images: -1}\n",
+            "heldout.images: need 0 (off) or more, got -1",
         ),
     ],
 )
@@ -547,6 +564,51 @@ def test_parallel_jobs_train_the_stages_a_serial_run_reuses(
     assert "--jobs: need at least 1, got 0" in capsys.readouterr().err
 
 
+def test_finished_stages_are_scored_on_a_held_out_set_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "bench"
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
+    args += ["--rows", "baseline", "fgd", "--seeds", "0"]
+    for item in TINY:
+        args += ["--set", item]
+    args += ["--set", "heldout.images=6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(": scoring ") == 3  # the teacher and two rows
+    assert "## On a held-out set (6 images, seed 7)" in out
+    data = json.loads((work / "results.json").read_text())
+    held = data["heldout"]
+    assert held["images"] == 6 and held["seed"] == 7
+    assert set(held["teachers"]) == {"retinanet"}
+    rows = {r["name"]: r for r in held["rows"]}
+    assert rows["baseline"]["seeds"] == rows["fgd"]["seeds"] == [0]
+    val = {r["name"]: r["metrics"]["AP"]["mean"] for r in data["rows"]}
+    assert rows["fgd"]["val_AP"]["mean"] == val["fgd"]
+    for name, folder in (("baseline", work / "seed0/baseline"), ("fgd", work / "seed0/fgd")):
+        cached = json.loads((folder / "heldout/heldout.json").read_text())
+        assert cached["metrics"] == rows[name]["per_seed"]["0"]
+    # Six new images, none of them the validation split's.
+    held_ann = json.loads((work / "heldout_data/annotations/instances_val.json").read_text())
+    assert len(held_ann["images"]) == 6
+    first = held_ann["images"][0]["file_name"]
+    val_image = (work / "data/val" / first).read_bytes()
+    assert (work / "heldout_data/val" / first).read_bytes() != val_image
+
+    # A re-run reads the scores back; a stage whose checkpoint changed is scored again.
+    assert main([*args, "--report-only"]) == 0
+    assert ": scoring " not in capsys.readouterr().out
+    ckpt = work / "seed0/fgd/student.pt"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    assert main([*args, "--report-only"]) == 0
+    again = capsys.readouterr().out
+    assert again.count(": scoring ") == 1 and "seed 0 fgd: scoring" in again
+    rescored = json.loads((work / "results.json").read_text())["heldout"]["rows"]
+    assert [r["per_seed"]["0"]["AP"] for r in rescored] == [
+        r["per_seed"]["0"]["AP"] for r in held["rows"]
+    ]
+
+
 _ORPHAN_PARENT = """
 import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
@@ -764,30 +826,9 @@ def test_import_checks_the_teacher_even_with_fingerprints(tmp_path: Path) -> Non
     assert "by the teacher's metrics 0, by row name and seed only 1" in got.notes[0]
 
 
-def test_results_files_are_markdown_and_readable(tmp_path: Path) -> None:
-    import os
-    import stat
-
-    from fgdistill.engine.bench import _atomic_write
-
+def test_results_files_are_markdown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--results out\.json: name the Markdown file"):
         run_quality_bench(tmp_path, config=PACKAGED, results_file="out.json", report_only=True)
-    target = tmp_path / "r.md"
-    _atomic_write(target, "x\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
-    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
-
-    def fail(src: str, dst: Path) -> None:
-        raise OSError("disk full")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "replace", fail)
-        with pytest.raises(OSError, match="disk full"):
-            _atomic_write(target, "y\n")
-    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]  # no temporary file left
-    assert target.read_text() == "x\n"
 
 
 def test_a_second_training_run_in_one_work_dir_is_refused(tmp_path: Path) -> None:

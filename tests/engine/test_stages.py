@@ -5,6 +5,7 @@ import pytest
 from fgdistill.engine.config import DistillConfig, ModelConfig, TrainConfig, config_to_dict
 from fgdistill.engine.stages import (
     SynthSettings,
+    atomic_write_text,
     cpu_name,
     fingerprint,
     inherit_revision,
@@ -103,3 +104,25 @@ def test_a_resumed_stage_counts_the_trainers_clock(tmp_path: Path) -> None:
     assert result is not None and result.wall_time_s == pytest.approx(3600.0)
     assert read_stage(folder)["wall_time_s"] == pytest.approx(3600.0)
     assert mmss(float("nan")) == "n/a" and mmss(61.4) == "1m01s"
+
+
+def test_atomic_writes_leave_a_readable_file_or_the_old_one(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    target = tmp_path / "r.md"
+    atomic_write_text(target, "x\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
+
+    def fail(src: str, dst: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", fail)
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write_text(target, "y\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]  # no temporary file left
+    assert target.read_text() == "x\n"

@@ -68,7 +68,10 @@ def register(subparsers: Any) -> None:
     q.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: write the results of the runs already finished in the work dir",
+        help=(
+            "train nothing: write the results of the runs already finished in the work dir "
+            "(and score them on the config's held-out set, where they are not scored yet)"
+        ),
     )
     q.add_argument(
         "--merge",

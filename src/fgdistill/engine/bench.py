@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import functools
 import json
 import logging
 import math
@@ -43,9 +42,11 @@ from fgdistill.engine.config import (
     from_mapping,
     read_yaml,
 )
+from fgdistill.engine.heldout import HeldoutSettings, score_heldout
 from fgdistill.engine.stages import (
     StageResult,
     SynthSettings,
+    atomic_write_text,
     inherit_revision,
     machine_line,
     merge,
@@ -83,6 +84,7 @@ _SECTIONS: tuple[str, ...] = (
     "diagnostics",
     "skip_rows",
     "compare",
+    "heldout",
     "quick",
 )
 _COMPARE_KEYS: tuple[str, ...] = ("full_fgd", "table1", "model_size")
@@ -144,6 +146,8 @@ class BenchPlan:
     compare: Comparisons = field(default_factory=Comparisons)
     #: family -> its default baseline: the first undistilled row of ``rows``, then ``diagnostics``
     baselines: dict[str, str] = field(default_factory=dict)
+    #: the set every finished stage is also scored on (``images`` 0: none)
+    heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
 
 
 def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
@@ -196,6 +200,14 @@ def load_bench_config(
                 valid = [k for k in _SECTIONS if k != "quick"]
                 raise ConfigError(f"--set {key}...: {_unknown(str(key), valid, 'top level')}")
         synth = from_mapping(SynthSettings, raw.get("synth") or {}, "synth")
+        heldout = from_mapping(HeldoutSettings, raw.get("heldout") or {}, "heldout")
+        if heldout.images < 0:
+            raise ConfigError(f"heldout.images: need 0 (off) or more, got {heldout.images}")
+        if heldout.images and heldout.seed == synth.seed:
+            raise ConfigError(
+                f"heldout.seed: {heldout.seed} is synth.seed too, so the held-out set would "
+                "repeat the validation split's images; choose another seed"
+            )
         seed_list = [int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0])]
         if not seed_list or len(set(seed_list)) != len(seed_list):
             raise ConfigError(f"seeds: need one or more distinct seeds, got {seed_list}")
@@ -256,7 +268,7 @@ def load_bench_config(
             raise ConfigError("rows: nothing to run")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return BenchPlan(synth, seed_list, teachers, plan_rows, raw, compare, baselines)
+    return BenchPlan(synth, seed_list, teachers, plan_rows, raw, compare, baselines, heldout)
 
 
 def _parse_rows(
@@ -795,6 +807,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         lines.append(f"- `{row['name']}` ({row['family']}): {row['description']}{against}")
     lines += ["", "## Conclusions (computed from the table)", ""]
     lines += [f"- {c}" for c in data["conclusions"]]
+    if data.get("heldout"):
+        lines += _render_heldout(data["heldout"], data["synth"])
     mags = data.get("loss_magnitudes") or {}
     if mags:
         lines += [
@@ -816,6 +830,42 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                 text = ", ".join(f"{lv} {v:.3g}" for lv, v in levels.items())
                 lines.append(f"| {name} | {rec['iter']} | {rec['detection']:.3f} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def _render_heldout(held: Mapping[str, Any], synth: Mapping[str, Any]) -> list[str]:
+    """The results file's held-out section: a table like the main one, and its conclusions."""
+    lines = [
+        "",
+        f"## On a held-out set ({held['images']} images, seed {held['seed']})",
+        "",
+        f"The finished stages of this work dir, scored on {held['images']} synthetic images "
+        f"drawn like the validation split ({synth['num_val']} images, seed {synth['seed']}) "
+        "with another seed, so that no image of it is one the options were chosen on. Rows "
+        "imported from other results files have no checkpoint here and are not in it. Gains "
+        "and gap shares are paired by seed, as above; val AP is over the same seeds.",
+        "",
+        "| row | seeds | AP | AP50 | AP75 | APs | APm | APl | val AP | gain AP | gap closed |",
+        "|---|---|" + "---:|" * 9,
+    ]
+    for fam, t in held["teachers"].items():
+        cells = [_fmt(t["metrics"].get(m, float("nan"))) for m in METRICS]
+        lines.append(f"| teacher ({fam}) | 1 | " + " | ".join(cells) + " | | | |")
+    for row in held["rows"]:
+        if not row["seeds"]:
+            continue
+        cells = [_cell(row["metrics"][m]) for m in METRICS]
+        share = row["gap_share"]
+        mark = " *" if _unpaired(row) else ""
+        lines.append(
+            f"| {row['name']} | {','.join(map(str, row['seeds']))} | "
+            + " | ".join(cells)
+            + f" | {_cell(row['val_AP'])} | {_fmt(row['gain_AP'])}{mark} | "
+            + ("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
+            + " |"
+        )
+    lines += ["", "Conclusions on the held-out set:", ""]
+    lines += [f"- {c}" for c in held["conclusions"]]
+    return lines
 
 
 def conclusions(data: Mapping[str, Any]) -> list[str]:
@@ -1097,6 +1147,7 @@ def _run_quality_bench(
         data_fp, _, _ = prepare_data(data_dir, plan.synth, progress=progress, say=tell)
 
     teachers: dict[str, StageResult] = {}
+    teacher_cfgs: dict[str, TrainConfig] = {}
     teacher_fps: dict[str, str] = {}
     families = list(dict.fromkeys(r.family for r in plan.rows))
     for fam in families:
@@ -1115,6 +1166,7 @@ def _run_quality_bench(
         )
         if result is not None:
             teachers[fam] = result
+            teacher_cfgs[fam] = cfg
 
     results: dict[str, dict[int, StageResult]] = {r.name: {} for r in plan.rows}
     tasks: list[_Task] = []
@@ -1136,13 +1188,7 @@ def _run_quality_bench(
     done = 0
     summary: dict[str, Any] = {}
 
-    def record(task: _Task, result: StageResult | None) -> None:
-        nonlocal done, summary
-        done += 1
-        if result is not None:
-            results[task.row][task.seed] = result
-        if report_only and done < len(tasks):
-            return
+    def write(heldout: Mapping[str, Any] | None = None) -> dict[str, Any]:
         merged = Imported(teachers, {k: dict(v) for k, v in results.items()})
         if sources:
             merged = import_results(
@@ -1153,9 +1199,9 @@ def _run_quality_bench(
                 teacher_fps=teacher_fps,
                 stage_fps=stage_fps,
                 # Said once, when the last run is recorded; the files record it every time.
-                say=tell if done == len(tasks) else _quiet,
+                say=tell if done == len(tasks) and heldout is None else _quiet,
             )
-        summary = _write_results(
+        return _write_results(
             work,
             plan,
             merged,
@@ -1169,7 +1215,17 @@ def _run_quality_bench(
             else f"{jobs} at a time, {max(1, _threads() // jobs)} thread(s) each"
             if jobs > 1
             else "one at a time",
+            heldout=heldout,
         )
+
+    def record(task: _Task, result: StageResult | None) -> None:
+        nonlocal done, summary
+        done += 1
+        if result is not None:
+            results[task.row][task.seed] = result
+        if report_only and done < len(tasks):
+            return
+        summary = write()
 
     if jobs > 1 and not report_only:
         _run_in_parallel(tasks, jobs, custom_train_fn, tell, record)
@@ -1185,7 +1241,48 @@ def _run_quality_bench(
                 reuse_only=report_only,
             )
             record(task, result)
+    # scoring, not training: --report-only scores the finished stages too (once: it is cached)
+    if plan.heldout.images > 0 and (teachers or any(results.values())):
+        configs = {(t.row, t.seed): t.config for t in tasks}
+        held_fp, held_teachers, held_results = score_heldout(
+            work,
+            plan.synth,
+            plan.heldout,
+            {fam: (t, teacher_cfgs[fam]) for fam, t in teachers.items()},
+            {
+                row: {seed: (r, configs[(row, seed)]) for seed, r in per.items()}
+                for row, per in results.items()
+            },
+            progress=progress,
+            say=tell,
+        )
+        summary = write(_heldout_summary(plan, held_fp, held_teachers, held_results, results))
     return summary
+
+
+def _heldout_summary(
+    plan: BenchPlan,
+    data_fp: str,
+    teachers: Mapping[str, StageResult],
+    held: Mapping[str, Mapping[int, StageResult]],
+    val: Mapping[str, Mapping[int, StageResult]],
+) -> dict[str, Any]:
+    """:func:`summarise` and :func:`conclusions` of the held-out scores, with each row's
+    validation AP over the same seeds (``val_AP``) beside them."""
+    data = summarise(plan, teachers, held)
+    for row in data["rows"]:
+        per_seed = val[row["name"]]
+        mean, std = _mean_std([per_seed[s].metrics.get("AP", math.nan) for s in row["seeds"]])
+        row["val_AP"] = {"mean": mean, "std": std}
+    data["conclusions"] = conclusions(data)
+    data.update(
+        {
+            "images": plan.heldout.images,
+            "seed": plan.heldout.seed,
+            "data_fingerprint": data_fp,
+        }
+    )
+    return data
 
 
 @dataclass
@@ -1315,6 +1412,7 @@ def _write_results(
     command: str,
     results_file: str | Path | None,
     lanes: str | None = None,
+    heldout: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     data = summarise(plan, merged.teachers, merged.results)
     first = plan.seeds[0]
@@ -1344,10 +1442,12 @@ def _write_results(
         }
     )
     data["conclusions"] = conclusions(data)
+    if heldout is not None:
+        data["heldout"] = heldout
     text = json.dumps(data, indent=2, default=str, allow_nan=True) + "\n"
-    _atomic_write(work / "results.json", text)
+    atomic_write_text(work / "results.json", text)
     md = render_markdown(data)
-    _atomic_write(work / "results.md", md)
+    atomic_write_text(work / "results.md", md)
     if results_file is not None:
         out = Path(results_file)
         kept = ""
@@ -1356,33 +1456,9 @@ def _write_results(
             if NOTES_MARKER in old:
                 kept = old[old.index(NOTES_MARKER) + len(NOTES_MARKER) :]
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, md + "\n" + NOTES_MARKER + kept)
-        _atomic_write(out.with_suffix(".json"), text)
+        atomic_write_text(out, md + "\n" + NOTES_MARKER + kept)
+        atomic_write_text(out.with_suffix(".json"), text)
     return data
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a unique temporary file beside ``path``, then rename it over ``path``."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        # mkstemp makes the file readable by its owner only; give it the usual mode
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@functools.cache
-def _umask() -> int:
-    """The process's umask, read once (reading it means setting it for a moment)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _threads() -> int:

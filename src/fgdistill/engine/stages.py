@@ -14,12 +14,14 @@ or copied work dir is still reused.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ TRAINING_CHECKPOINTS: tuple[str, ...] = ("last.pt", "best.pt")
 __all__ = [
     "StageResult",
     "SynthSettings",
+    "atomic_write_text",
     "cpu_name",
     "fingerprint",
     "inherit_revision",
@@ -112,6 +115,32 @@ def read_stage(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a unique temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves the old file or the new one, never half of one; two writers never share a
+    temporary file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        # mkstemp makes the file readable by its owner only; give it the usual mode
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it for a moment)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_stage(folder: Path, data: Mapping[str, Any]) -> None:
