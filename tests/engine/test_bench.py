@@ -544,14 +544,20 @@ def test_bench_runs_rows_and_reuses_them(
     assert not (work / "seed0" / "fgd_norm").exists()
 
 
+def _tiny_args(work: Path, *rows: str) -> list[str]:
+    """``fgdistill bench quality`` of ``rows`` on the tiny budget, seed 0, no report."""
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
+    args += ["--rows", *rows, "--seeds", "0"]
+    for item in TINY:
+        args += ["--set", item]
+    return args
+
+
 def test_parallel_jobs_train_the_stages_a_serial_run_reuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     work = tmp_path / "bench"
-    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
-    args += ["--rows", "baseline", "fgd", "--seeds", "0"]
-    for item in TINY:
-        args += ["--set", item]
+    args = _tiny_args(work, "baseline", "fgd")
     assert main([*args, "--jobs", "2"]) == 0
     assert "training 2 runs, 2 at a time" in capsys.readouterr().out
     data = json.loads((work / "results.json").read_text())
@@ -568,11 +574,7 @@ def test_finished_stages_are_scored_on_a_held_out_set_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     work = tmp_path / "bench"
-    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
-    args += ["--rows", "baseline", "fgd", "--seeds", "0"]
-    for item in TINY:
-        args += ["--set", item]
-    args += ["--set", "heldout.images=6"]
+    args = [*_tiny_args(work, "baseline", "fgd"), "--set", "heldout.images=6"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count(": scoring ") == 3  # the teacher and two rows
