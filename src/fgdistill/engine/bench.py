@@ -967,7 +967,7 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             if _unpaired(rows[full]):
                 small += f"; gap and gain over the seeds both have, {rows[full]['paired_seeds']}"
             out.append(
-                f"full FGD ({full}) closed {100 * share:.0f}% of the {gap:.2f} AP gap "
+                f"full FGD ({full}) closed {_percent_against_half(share)} of the {gap:.2f} AP gap "
                 f"(target >= 50%: {verdict}{small})."
             )
     for table1 in compare.get("table1", []):
@@ -983,6 +983,15 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             f"> bg 39.2 > joint 38.9): {verdict}{_seed_sets(rows, list(table1))}."
         )
     return out
+
+
+def _percent_against_half(share: float) -> str:
+    """``share`` in whole percent, or to a tenth (cut, not rounded) where whole percent would
+    put it on the other side of 50% than it is (49.7% is not "50%" and not met)."""
+    whole = round(100 * share)
+    if (whole >= 50) != (share >= 0.5):
+        return f"{math.floor(1000 * share) / 10:.1f}%"
+    return f"{whole}%"
 
 
 def is_complete(
