@@ -11,10 +11,12 @@ rows the conclusions compare are data: the packaged YAML ``configs/bench/quality
 
 Layout of the work dir: ``data/``, ``teacher_<family>/``, ``seed<k>/<row>/``, and
 ``results.json``, ``results.md`` and ``report.html`` (``--results`` writes the Markdown
-elsewhere too, e.g. ``docs/results.md``). Every training run is a cached stage
-(:mod:`fgdistill.engine.stages`): a re-run reuses finished rows and resumes an interrupted one,
-and the results files are rewritten after every row, so a stopped benchmark keeps what it
-measured.
+elsewhere too, e.g. ``docs/results.md``); with the config's ``heldout`` section, also
+``heldout_data/`` and a ``heldout/`` folder in each stage (:mod:`fgdistill.engine.heldout`):
+every finished stage is scored on a second set that no option was chosen on. Every training run
+is a cached stage (:mod:`fgdistill.engine.stages`): a re-run reuses finished rows and resumes an
+interrupted one, and the results files are rewritten after every row, so a stopped benchmark
+keeps what it measured.
 """
 
 from __future__ import annotations
