@@ -51,11 +51,6 @@ def heldout_synth(synth: SynthSettings, settings: HeldoutSettings) -> SynthSetti
     return replace(synth, num_train=0, num_val=settings.images, seed=settings.seed)
 
 
-def _checkpoint(result: StageResult, cfg: TrainConfig) -> Path:
-    """A finished stage's weights: ``student.pt`` of a distilled stage, else ``model.pt``."""
-    return Path(result.work_dir) / ("student.pt" if cfg.distill is not None else "model.pt")
-
-
 def score_stage(
     cfg: TrainConfig,
     result: StageResult,
@@ -72,9 +67,9 @@ def score_stage(
     :func:`fgdistill.engine.runner.evaluate_checkpoint` and cached. ``None`` (and a line to
     ``say``) where the stage's checkpoint is missing.
     """
-    from fgdistill.engine.runner import evaluate_checkpoint
+    from fgdistill.engine.runner import evaluate_checkpoint, weights_name
 
-    ckpt = _checkpoint(result, cfg)
+    ckpt = Path(result.work_dir) / weights_name(cfg)
     if not ckpt.is_file():
         say(f"{label}: no {ckpt.name} in {result.work_dir}; not scored on the held-out set")
         return None
@@ -90,10 +85,10 @@ def score_stage(
     }
     try:
         old = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = {}
-    if isinstance(old, Mapping) and old.get("key") == key:
-        return {str(k): float(v) for k, v in old["metrics"].items()}
+        if old["key"] == key:
+            return {str(k): float(v) for k, v in old["metrics"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no cache, or an unreadable one: measure again
     eval_cfg = copy.deepcopy(cfg)
     point_at_data(eval_cfg, data_dir)
     eval_cfg.work_dir = str(folder)
@@ -119,8 +114,8 @@ def score_heldout(
 
     Args:
         teachers: family -> (finished teacher stage, its config).
-        stages: row -> seed -> (finished student stage, its config); stages imported from
-            another results file (``imported_from``) are skipped: their checkpoints are not here.
+        stages: row -> seed -> (finished student stage, its config), of this work dir (stages
+            imported from another results file have no checkpoint here).
 
     Returns:
         ``(data fingerprint, teachers, results)``: the same stages with their ``metrics``
@@ -137,8 +132,6 @@ def score_heldout(
     )
     out_teachers: dict[str, StageResult] = {}
     for fam, (result, cfg) in teachers.items():
-        if result.imported_from:
-            continue
         metrics = score_stage(
             cfg, result, data_dir, data_fp, progress=progress, say=say, label=f"teacher {fam}"
         )
@@ -148,8 +141,6 @@ def score_heldout(
     for row, per_seed in stages.items():
         out[row] = {}
         for seed, (result, cfg) in sorted(per_seed.items()):
-            if result.imported_from:
-                continue
             label = f"seed {seed} {row}"
             metrics = score_stage(
                 cfg, result, data_dir, data_fp, progress=progress, say=say, label=label

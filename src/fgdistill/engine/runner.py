@@ -64,6 +64,7 @@ __all__ = [
     "evaluate_model",
     "load_categories",
     "train",
+    "weights_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -307,6 +308,11 @@ def _student_state(trainable: nn.Module, distilling: bool) -> dict[str, torch.Te
     return dict(trainable.state_dict())
 
 
+def weights_name(cfg: TrainConfig) -> str:
+    """File name of a finished run's weights in its work dir: ``student.pt`` when distilling."""
+    return "student.pt" if cfg.distill is not None else "model.pt"
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -490,8 +496,7 @@ def train(
     trainer.train()
 
     metrics = eval_hook.results or {}
-    name = "student.pt" if distilling else "model.pt"
-    model_path = work_dir / name
+    model_path = work_dir / weights_name(cfg)
     wall = trainer.elapsed
     images_per_s = trainer.iter * total_batch / wall if wall > 0 else 0.0
     files = {
@@ -520,7 +525,7 @@ def train(
                 "wall_time_s": round(wall, 2),
                 "images_per_s": round(images_per_s, 2),
                 "world_size": world,
-                "model": name,
+                "model": model_path.name,
             },
         )
     du.barrier()
