@@ -256,6 +256,14 @@ _RUN_INFO = {
             "compare.full_fgd[0]: rows ['b', 'd'] differ in family or baseline",
         ),
         (
+            _FAMILY
+            + "rows: [{name: a}, {name: b, distill: {}},"
+            + " {name: c, distill: {}, train: {data: {batch_size: 16}}}]\n"
+            + "compare: {full_fgd: [{row: b, imitation: [c]}]}\n",
+            "compare.full_fgd[0]: rows ['b', 'c'] differ in their budget "
+            "(epochs, data.batch_size or max_iters)",
+        ),
+        (
             _FAMILY + "rows: [{name: a}]\ncompare: {table1: [{fg_only: a, bg_only: a}]}\n",
             "compare.table1[0]: expected the keys fg_only, bg_only, joint, split",
         ),
@@ -397,13 +405,38 @@ def test_a_row_with_its_own_baseline_is_measured_against_it() -> None:
     assert "fgd_norm_long: 7.00 AP, +3.00 over baseline_long, 75%" in text
     assert (
         "baseline_long: 4.00 AP, +2.00 over the baseline, trained 4 epochs against its "
-        "baseline's 2: training length, not distillation, so no share of the gap" in text
+        "baseline's 2 epochs: training length, not distillation, so no share of the gap" in text
     )
     assert (
         "full FGD (fgd_norm_long) closed 75% of the 4.00 AP gap (target >= 50%: MET; this gap "
         "is under the 5 AP target)." in text
     )
     assert "measured against `baseline_long`" in render_markdown({**data, **_RUN_INFO})
+
+
+def test_a_row_on_another_batch_gets_no_share_of_the_gap(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        _FAMILY
+        + "rows: [{name: a}, {name: b, distill: {}},"
+        + " {name: c, distill: {}, train: {data: {batch_size: 16}, max_iters: 30}}]\n"
+    )
+    plan = load_bench_config(cfg, seeds=[0])
+    teacher = StageResult("teacher", "t", {"AP": 8.0}, 100.0, 50, False, "/t")
+    results = {n: {0: _result(n, ap, 0)} for n, ap in (("a", 2.0), ("b", 5.0), ("c", 6.0))}
+    data = summarise(plan, {"retinanet": teacher}, results)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["b"]["gap_share"] == pytest.approx(0.5)
+    assert rows["c"]["gain_AP"] == pytest.approx(4.0)
+    assert math.isnan(rows["c"]["gap_share"])  # same epochs, but twice the batch: no share
+    assert rows["c"]["budget"]["batch_size"] == 16
+    text = "\n".join(conclusions(data))
+    batch = rows["a"]["budget"]["batch_size"]
+    epochs = rows["a"]["epochs"]
+    assert (
+        f"c: 6.00 AP, +4.00 over the baseline, trained {epochs} epochs of batch 16 cut at 30 "
+        f"iterations against its baseline's {epochs} epochs of batch {batch}: training length"
+    ) in text
 
 
 def _row(name: str, family: str, ap: float, std: float, share: float) -> dict:

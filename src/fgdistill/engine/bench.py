@@ -163,6 +163,30 @@ def _baseline_of(row: BenchRow, baselines: Mapping[str, str]) -> str | None:
     return row.baseline or baselines.get(row.family)
 
 
+def budget_of(cfg: TrainConfig) -> dict[str, int | None]:
+    """A training budget: epochs, batch size and the iteration cap, if any.
+
+    Two rows are on the same budget when all three are equal; epochs alone would call a row
+    with twice the batch, or one cut short by ``max_iters``, the same length of training.
+    """
+    return {
+        "epochs": cfg.optim.epochs,
+        "batch_size": cfg.data.batch_size,
+        "max_iters": cfg.max_iters,
+    }
+
+
+def _budget_text(budget: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+    """``budget`` in words: its epochs, and its batch and iteration cap where ``other``'s differ."""
+    text = f"{budget.get('epochs')} epochs"
+    if budget.get("batch_size") != other.get("batch_size"):
+        text += f" of batch {budget.get('batch_size')}"
+    cap = budget.get("max_iters")
+    if cap is not None and cap != other.get("max_iters"):
+        text += f" cut at {cap} iterations"
+    return text
+
+
 def load_bench_config(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -340,8 +364,11 @@ def _parse_compare(
         base = {_baseline_of(r, baselines) for r in rows}
         if len({r.family for r in rows}) > 1 or len(base) > 1:
             raise ConfigError(f"{where}: rows {list(group)} differ in family or baseline")
-        if len({r.config.optim.epochs for r in rows}) > 1:
-            raise ConfigError(f"{where}: rows {list(group)} differ in their budget (epochs)")
+        if len({tuple(budget_of(r.config).values()) for r in rows}) > 1:
+            raise ConfigError(
+                f"{where}: rows {list(group)} differ in their budget "
+                "(epochs, data.batch_size or max_iters)"
+            )
 
     out = Comparisons()
     for index, entry in enumerate(section.get("full_fgd") or []):
@@ -415,7 +442,8 @@ def summarise(
     ``results`` maps row name -> seed -> result (seeds still missing are left out; so are
     diagnostic rows without any result). The baseline of a family is its first row without a
     ``distill`` section; a row with its own ``baseline`` is measured against that row instead.
-    A row trained for other epochs than its baseline gets its gain but no share of the gap.
+    A row on another budget than its baseline (:func:`budget_of`: epochs, batch size, iteration
+    cap) gets its gain but no share of the gap.
     Gain and share are paired by seed: taken over the seeds the row and its baseline both have
     (``paired_seeds``), so a seed one of them lacks does not move the difference.
     """
@@ -461,7 +489,7 @@ def summarise(
             }
         )
     plan_by_name = {row.name: row for row in plan.rows}
-    epochs = {row.name: row.config.optim.epochs for row in plan.rows}
+    budgets = {row.name: budget_of(row.config) for row in plan.rows}
     for out in rows_out:
         base = _baseline_of(plan_by_name[out["name"]], baselines)
         teacher = teachers.get(out["family"])
@@ -474,7 +502,8 @@ def summarise(
         t_ap = teacher.metrics.get("AP", float("nan")) if teacher else float("nan")
         gap = t_ap - base_ap
         out["baseline"] = base
-        out["epochs"] = epochs[out["name"]]
+        out["epochs"] = budgets[out["name"]]["epochs"]
+        out["budget"] = budgets[out["name"]]
         out["paired_seeds"] = paired
         # the table's AP columns are means over each row's own seeds; say so where they differ
         same = paired == sorted(mine) == sorted(theirs)
@@ -483,7 +512,7 @@ def summarise(
         out["gain_AP"] = ap - base_ap
         # A row on another budget than its baseline differs in training length, not only in
         # distillation, so no share of the gap is claimed for it.
-        same_budget = base is None or epochs.get(base, epochs[out["name"]]) == out["epochs"]
+        same_budget = base is None or budgets.get(base, out["budget"]) == out["budget"]
         out["gap_share"] = (ap - base_ap) / gap if gap > 0 and same_budget else float("nan")
     return {
         "teachers": {
@@ -870,6 +899,12 @@ def _render_heldout(held: Mapping[str, Any], synth: Mapping[str, Any]) -> list[s
     return lines
 
 
+def _budget_or_epochs(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A summarised row's budget; results files written before budgets were kept give epochs."""
+    budget = row.get("budget")
+    return dict(budget) if isinstance(budget, Mapping) else {"epochs": row.get("epochs")}
+
+
 def conclusions(data: Mapping[str, Any]) -> list[str]:
     """Plain sentences about the targets, computed from the summary."""
     rows = {r["name"]: r for r in data["rows"] if r["seeds"]}
@@ -920,11 +955,12 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
             )
             share = row["gap_share"]
             share_text = "" if math.isnan(share) else f", {100 * share:.0f}% of the gap"
-            base_epochs = rows[own].get("epochs")
-            if row.get("epochs") != base_epochs:
+            mine, theirs = _budget_or_epochs(row), _budget_or_epochs(rows[own])
+            if mine != theirs:
                 share_text = (
-                    f", trained {row.get('epochs')} epochs against its baseline's {base_epochs}:"
-                    " training length, not distillation, so no share of the gap"
+                    f", trained {_budget_text(mine, theirs)} against its baseline's "
+                    f"{_budget_text(theirs, mine)}: training length, not distillation, so no "
+                    "share of the gap"
                 )
             over = "the baseline" if own == base else own
             if _unpaired(row):
