@@ -20,7 +20,7 @@ import urllib.error
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -494,8 +494,13 @@ def detector_options(arch: str) -> set[str]:
 
     Those of the class's constructor, less what ``build_detector`` sets itself (sizes, anchors,
     heads), plus ``size_divisible`` and ``fixed_size``, which every detector hands on to its
-    ``GeneralizedRCNNTransform``.
+    ``GeneralizedRCNNTransform``. A new set each call; the signature is read once per ``arch``.
     """
+    return set(_detector_options(arch))
+
+
+@cache
+def _detector_options(arch: str) -> frozenset[str]:
     if arch == "reppoints":
         cls = _reppoints_class()
     else:
@@ -507,7 +512,7 @@ def detector_options(arch: str) -> set[str]:
     }
     ours = {"backbone", "num_classes", "min_size", "max_size", "head", "anchor_generator"}
     ours |= {"rpn_anchor_generator", "rpn_head"}
-    return (named - ours) | {"size_divisible", "fixed_size"}
+    return frozenset((named - ours) | {"size_divisible", "fixed_size"})
 
 
 def _check_options(arch: str, options: Mapping[str, Any]) -> None:
