@@ -569,7 +569,11 @@ def test_bench_runs_rows_and_reuses_them(
     report_args.insert(report_args.index("fgd_norm"), "focal_split")
     assert main(report_args) == 0
     partial = capsys.readouterr().out
-    assert "fgd_norm (retinanet resnet18): not finished" in partial
+    assert (
+        f"never run in {work}, so left out: 4 stage(s): seed 0 fgd_norm, seed 0 focal_split, "
+        "seed 1 fgd_norm and 1 more"
+    ) in partial
+    assert "not finished" not in partial  # the stages that were never started: one line
     assert "| fgd_norm | retinanet resnet18 | 0 |" in partial
     assert "| fg_bg_joint | retinanet resnet18 | 2 |" in partial
     assert "| focal_split |" not in partial

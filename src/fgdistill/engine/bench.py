@@ -1277,17 +1277,29 @@ def _run_quality_bench(
     if jobs > 1 and not report_only:
         _run_in_parallel(tasks, jobs, custom_train_fn, tell, record)
     else:
+        never_run: list[str] = []
         for task in tasks:
+            lines: list[str] = []
             result, _ = run_stage(
                 task.config,
                 upstream=task.upstream,
                 train_fn=train_fn,
                 progress=progress,
-                say=tell,
+                say=lines.append if report_only else tell,
                 label=task.label,
                 reuse_only=report_only,
             )
+            if result is None and not Path(task.config.work_dir).exists():
+                never_run.append(f"seed {task.seed} {task.row}")  # one line for all, below
+            else:
+                for line in lines:
+                    tell(line)
             record(task, result)
+        if never_run:
+            named = ", ".join(never_run[:3]) + (
+                f" and {len(never_run) - 3} more" if len(never_run) > 3 else ""
+            )
+            tell(f"never run in {work}, so left out: {len(never_run)} stage(s): {named}")
     # scoring, not training: --report-only scores the finished stages too (once: it is cached)
     if plan.heldout.images > 0 and (teachers or any(results.values())):
         configs = {(t.row, t.seed): t.config for t in tasks}
