@@ -106,14 +106,16 @@ def test_packaged_config_rows() -> None:
     assert rows["fgd"].distill.normalize == "none"  # type: ignore[union-attr]
     assert rows["reppoints_fgd"].model.arch == "reppoints"
     assert rows["r50_student_budget"].model.backbone == "resnet50"
-    # Students share one schedule, but the rows named *_long double it and *_8ep quadruple it;
-    # the teachers train longer than any.
-    budget = {r.config.optim.epochs for r in plan.rows if not r.name.endswith(("_long", "_8ep"))}
+    # Students share one schedule, but the rows named *_long double it, *_8ep quadruple it and
+    # *_16ep take eight times it; the teachers train longer than any.
+    longer = ("_long", "_8ep", "_16ep")
+    budget = {r.config.optim.epochs for r in plan.rows if not r.name.endswith(longer)}
     assert len(budget) == 1
     epochs = budget.pop()
     assert {r.config.optim.epochs for r in plan.rows if r.name.endswith("_long")} == {2 * epochs}
     assert {r.config.optim.epochs for r in plan.rows if r.name.endswith("_8ep")} == {4 * epochs}
-    assert min(t.optim.epochs for t in plan.teachers.values()) > 4 * epochs
+    assert {r.config.optim.epochs for r in plan.rows if r.name.endswith("_16ep")} == {8 * epochs}
+    assert min(t.optim.epochs for t in plan.teachers.values()) > 8 * epochs
     # The table alone is a subset; diagnostics run only when asked for.
     table = load_bench_config(PACKAGED).rows
     assert 0 < len(table) < len(plan.rows) and all(r.name in names for r in table)
