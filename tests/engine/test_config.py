@@ -147,23 +147,3 @@ def test_packaged_configs_are_valid() -> None:
             # The paper's schedule and clipping in every COCO config.
             assert cfg.optim.epochs == 24 and cfg.optim.milestones == [16, 22], path
             assert cfg.optim.grad_clip == 35.0 and cfg.optim.base_batch_size == 16, path
-
-
-def test_packaged_demo_config_is_valid() -> None:
-    import fgdistill
-    from fgdistill.engine.demo import load_demo_config
-
-    path = Path(fgdistill.__file__).parent / "configs" / "demo" / "demo.yaml"
-    synth, configs = load_demo_config(path, ["teacher.optim.epochs=9"])
-    assert set(configs) == {"teacher", "baseline", "fgd"}
-    assert configs["teacher"].optim.epochs == 9
-    assert configs["fgd"].distill is not None and configs["baseline"].distill is None
-    # The students share one schedule; the teacher is the larger model.
-    assert configs["fgd"].optim == configs["baseline"].optim
-    assert configs["fgd"].model == configs["baseline"].model
-    assert configs["teacher"].model.backbone != configs["baseline"].model.backbone
-    assert synth.image_size == configs["baseline"].model.min_size
-    with pytest.raises(ConfigError, match=r"baseline .*optim\.epoch: unknown key"):
-        load_demo_config(path, ["baseline.optim.epoch=3"])
-    with pytest.raises(ConfigError, match=r"synth\.size: unknown key; did you mean 'image_size'"):
-        load_demo_config(path, ["synth.size=64"])

@@ -1,4 +1,4 @@
-"""Commands ``train``, ``distill``, ``eval``, ``predict`` and ``demo``.
+"""Commands ``train``, ``distill``, ``eval`` and ``predict``.
 
 Each parses its arguments, loads and validates the config, calls :mod:`fgdistill.engine`, and
 prints where the outputs went. ``CONFIG`` is a YAML file or the name of a config shipped with
@@ -103,22 +103,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     _add_common(p, work_dir_help="output folder (default: predictions)")
     p.set_defaults(func=_cmd_predict)
-
-    p = subparsers.add_parser(
-        "demo",
-        help="the whole story on synthetic data: teacher, baseline, FGD student, table",
-        description=(
-            "Generate synthetic data, train a teacher and a baseline student, distil a student "
-            "with FGD, evaluate all three and print a table. Finished stages are reused."
-        ),
-    )
-    _add_common(p, work_dir_help="output folder (default: work_dirs/demo)")
-    p.add_argument(
-        "--config",
-        default="demo/demo",
-        help="demo config (YAML file or packaged name; default: demo/demo)",
-    )
-    p.set_defaults(func=_cmd_demo)
 
 
 def _load(args: argparse.Namespace, *, default_work: str | None = None) -> Any:
@@ -258,32 +242,4 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"  results      {result.results_file} (COCO results format)")
     print(f"  images       {result.images_file} (image ids and files)")
     print(f"  drawings     {len(result.drawings)} PNG(s), e.g. {result.drawings[0]}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from fgdistill.engine.demo import METRICS as METRIC_COLUMNS
-    from fgdistill.engine.demo import run_demo
-
-    work_dir = args.work_dir or Path("work_dirs/demo")
-    summary = run_demo(
-        work_dir,
-        config=resolve_config_path(args.config),
-        overrides=args.overrides,
-        progress=not args.no_progress,
-        say=lambda line: print(line, flush=True),
-    )
-    print()
-    print(summary.table())
-    print()
-    for line in summary.conclusions():
-        print(line)
-    from fgdistill.viz.demo_report import write_demo_report
-
-    rows = [
-        {"run": r.name, "model": r.model, **{m: r.metrics.get(m) for m in METRIC_COLUMNS}}
-        for r in summary.rows
-    ]
-    report = write_demo_report(work_dir, rows=rows, notes=summary.conclusions())
-    print(f"outputs in {work_dir}/ (table: {summary.results_file}; pictures: {report})")
     return 0

@@ -1,0 +1,146 @@
+"""Benchmark stages on a tiny budget: each stage its own record, reused, locked and resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fgdistill.bench.plan import load_plan
+from fgdistill.bench.runner import read_record, run_bench, stage_lock
+from fgdistill.cli.main import main
+from fgdistill.engine.config import TrainConfig
+
+QUALITY = Path(__file__).resolve().parents[2] / "src/fgdistill/configs/bench/quality.yaml"
+
+TINY = [
+    "synth.num_train=8",
+    "synth.num_val=4",
+    "heldout.images=0",
+    "common.model.fpn_channels=32",
+    "common.model.head_norm=null",
+    "common.data.batch_size=4",
+    "common.log_interval=1",
+    "common.optim.warmup_iters=1",
+    "families.retinanet.teacher.model.backbone=resnet18",
+    "families.retinanet.teacher.optim.epochs=1",
+    "families.retinanet.teacher.optim.milestones=[]",
+    "families.retinanet.student.optim.epochs=1",
+    "families.retinanet.student.optim.milestones=[]",
+    "families.retinanet.distill.fgd_warmup_iters=1",
+]
+
+
+def _args(work: Path, *rows: str, seeds: str = "0") -> list[str]:
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--rows", *rows]
+    args += ["--seeds", *seeds.split()]
+    for item in TINY:
+        args += ["--set", item]
+    return args
+
+
+@pytest.mark.slow
+def test_bench_trains_scores_and_reuses_every_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "bench"
+    args = [*_args(work, "fg_bg_joint", "fgd", seeds="0 1"), "--set", "heldout.images=6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "also running baseline: the baseline(s) of the chosen rows" in out
+    assert "| teacher (retinanet) | retinanet resnet18 | 1 |" in out
+    assert "| fgd | retinanet resnet18 | 2 |" in out
+    assert "## Held-out set (6 images, seed 7)" in out
+    for seed in (0, 1):
+        for row in ("baseline", "fg_bg_joint", "fgd"):
+            folder = work / f"seed{seed}" / row
+            record = read_record(folder)
+            assert record is not None and record.metrics and record.heldout_metrics
+            # a finished stage keeps its model, not its training checkpoints
+            assert (folder / ("model.pt" if row == "baseline" else "student.pt")).is_file()
+            assert not (folder / "last.pt").exists() and not (folder / "best.pt").exists()
+    data = json.loads((work / "results.json").read_text())
+    assert data["status"] == "complete" and data["seeds"] == [0, 1]
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    assert fgd["seeds"] == [0, 1] and set(fgd["per_seed"]) == {"0", "1"}
+    # seeds really differ: two runs of one row are not the same run
+    logs = [(work / f"seed{s}/fgd/log.jsonl").read_text().splitlines()[0] for s in (0, 1)]
+    assert logs[0] != logs[1]
+    held = next(r for r in data["heldout"]["rows"] if r["name"] == "fgd")
+    record = read_record(work / "seed0/fgd")
+    assert record is not None and held["per_seed"]["0"]["AP"] == record.heldout_metrics["AP"]
+    # six held-out images, none of them the validation split's
+    held_ann = json.loads((work / "heldout_data/annotations/instances_val.json").read_text())
+    first = held_ann["images"][0]["file_name"]
+    assert len(held_ann["images"]) == 6
+    assert (work / "heldout_data/val" / first).read_bytes() != (
+        work / "data/val" / first
+    ).read_bytes()
+    # the joint row saw no boxes: its foreground term is exactly zero throughout
+    log = (work / "seed0/fg_bg_joint/log.jsonl").read_text().splitlines()
+    train = [json.loads(line) for line in log if '"train"' in line]
+    assert train and all(rec["losses"]["fgd/p3/fg"] == 0 for rec in train)
+    assert "fgd" in data["loss_magnitudes"] and "baseline" not in data["loss_magnitudes"]
+    assert (work / "report.html").is_file() and (work / "curves.png").is_file()
+
+    mtime = (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("reusing") == 1 + 1 + 1 + 6  # data, held-out data, teacher, 3 rows x 2
+    assert "held-out AP" not in again  # scored once
+    assert (work / "teacher_retinanet" / "model.pt").stat().st_mtime_ns == mtime
+
+    # --report-only trains nothing: a row never run is listed and counted as missing
+    assert main([*_args(work, "fgd", "fgd_norm", seeds="0 1"), "--report-only", "--no-report"]) == 0
+    partial = capsys.readouterr().out
+    assert "left out: 2 stage(s): seed 0 fgd_norm, seed 1 fgd_norm" in partial
+    assert "| fgd_norm | retinanet resnet18 | 0 |" in partial
+    assert json.loads((work / "results.json").read_text())["status"] == "partial"
+    assert not (work / "seed0" / "fgd_norm").exists()
+
+
+@pytest.mark.slow
+def test_workers_train_the_stages_a_serial_run_reuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "bench"
+    args = [*_args(work, "fgd"), "--no-report"]
+    assert main([*args, "--jobs", "2"]) == 0
+    assert "training 2 stages, 2 workers" in capsys.readouterr().out
+    data = json.loads((work / "results.json").read_text())
+    assert data["status"] == "complete"
+    assert [(r["name"], r["seeds"]) for r in data["rows"]] == [("baseline", [0]), ("fgd", [0])]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("reusing") == 1 + 1 + 2  # data, teacher, 2 rows
+    assert main([*args, "--jobs", "0"]) == 2
+    assert "--jobs: need at least 1, got 0" in capsys.readouterr().err
+
+
+def _fake_train(cfg: TrainConfig, *, resume: bool, progress: bool) -> SimpleNamespace:
+    folder = Path(cfg.work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "last.pt").write_text("checkpoint")
+    return SimpleNamespace(metrics={"bbox": {"AP": float(cfg.seed)}}, iterations=3, wall_time=0.0)
+
+
+def test_a_stage_held_by_another_process_is_left_to_it(tmp_path: Path) -> None:
+    plan = load_plan(QUALITY, TINY, rows=["baseline"], seeds=[0, 1])
+    lines: list[str] = []
+    with stage_lock(tmp_path / "seed1" / "baseline", wait=False) as free:
+        assert free
+        records = run_bench(plan, tmp_path, train_fn=_fake_train, say=lines.append)
+    assert set(records) == {("retinanet", None), ("baseline", 0)}
+    assert "left out: 1 stage(s): seed 1 baseline" in lines[-1]
+    assert not (tmp_path / "seed0/baseline/last.pt").exists()  # finished: checkpoint deleted
+    # an unchanged stage is reused; a changed setting retrains the teacher and the students
+    lines.clear()
+    run_bench(plan, tmp_path, train_fn=_fake_train, say=lines.append)
+    assert any("seed 0 baseline: reusing" in line for line in lines)
+    assert any("seed 1 baseline (retinanet resnet18): training" in line for line in lines)
+    lines.clear()
+    changed = load_plan(QUALITY, [*TINY, "common.optim.lr=0.5"], rows=["baseline"], seeds=[0])
+    records = run_bench(changed, tmp_path, train_fn=_fake_train, say=lines.append)
+    assert not any("reusing" in line for line in lines if "data" not in line)
+    assert records[("baseline", 0)].metrics == {"AP": 0.0}
