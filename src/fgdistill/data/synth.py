@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import struct
 import time
 import zlib
@@ -50,6 +51,7 @@ __all__ = [
     "generate_synthetic",
     "render_image",
     "synthetic_categories",
+    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -634,7 +636,7 @@ def _write_split(
     sizes = {"small": 0, "medium": 0, "large": 0}
     occluded_total = 0
     tasks = [(image_dir, split, index, image_size, seed, cfg) for index in range(count)]
-    made = pool.imap(_make_image, tasks, chunksize=8) if pool else map(_make_image, tasks)
+    made = pool.imap(_make_image, tasks, chunksize=4) if pool else map(_make_image, tasks)
     for index, (anns, occluded) in enumerate(made):
         occluded_total += occluded
         image_id = index + 1
@@ -667,6 +669,21 @@ def _write_split(
     summary.image_dirs[split] = image_dir
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _pool(workers: int) -> Pool:
+    # fork where the OS has it: workers start in milliseconds and inherit the imported modules
+    # (spawn would import fgdistill, hence torch, again in every worker: seconds each). The
+    # workers run numpy, zlib and pycocotools only.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+
+
 def generate_synthetic(
     out_dir: str | Path,
     *,
@@ -676,7 +693,7 @@ def generate_synthetic(
     seed: int = 0,
     difficulty: float = 0.5,
     config: SynthConfig | None = None,
-    num_workers: int = 0,
+    workers: int | None = None,
 ) -> SynthSummary:
     """Write the synthetic benchmark as a COCO-format dataset.
 
@@ -693,8 +710,10 @@ def generate_synthetic(
         seed: the same arguments give byte-identical JSON and images.
         difficulty: 0 (easy) .. 1 (hard); see :meth:`SynthConfig.from_difficulty`.
         config: explicit knobs; overrides ``difficulty`` when given.
-        num_workers: render in this many processes (0: in this one). The output does not
-            depend on it: every image has its own random generator.
+        workers: render and write the images in this many processes (1: in this one; default:
+            :func:`usable_cores`; never more than there are images). The output does not depend
+            on it: every image has its own random generator, and the annotations are gathered
+            in image order.
 
     Returns:
         A :class:`SynthSummary` with counts, size distribution and the speed.
@@ -703,6 +722,11 @@ def generate_synthetic(
         raise ConfigError(f"image_size must be >= 32, got {image_size}")
     if num_train < 0 or num_val < 0:
         raise ConfigError(f"image counts must be >= 0, got train {num_train}, val {num_val}")
+    if workers is None:
+        workers = usable_cores()
+    elif workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    workers = min(workers, num_train + num_val)
     cfg = config if config is not None else SynthConfig.from_difficulty(difficulty)
     out = Path(out_dir)
     start = time.perf_counter()
@@ -714,13 +738,15 @@ def generate_synthetic(
         "seed": seed,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
-    pool = multiprocessing.get_context().Pool(num_workers) if num_workers > 0 else None
+    pool = _pool(workers) if workers > 1 else None
     try:
         for split, count in (("train", num_train), ("val", num_val)):
             _write_split(out, split, count, image_size, seed, cfg, info, summary, pool)
+        if pool is not None:
+            pool.close()  # every result is in: let the workers finish
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()  # on an error: stop the images still queued
             pool.join()
     summary.seconds = time.perf_counter() - start
     logger.info(
