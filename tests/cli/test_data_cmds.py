@@ -128,3 +128,18 @@ def test_bad_input_is_one_line_error(
     assert "gt.json: annotation file not found" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "x"), "--image-size", "8"]) == 2
     assert "image_size" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "x"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "error: workers must be >= 1, got 0\n"
+
+
+def test_synth_workers_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--workers W" in help_text and "1: in this one" in help_text
+    args = ["--train", "2", "--val", "1", "--image-size", "48"]
+    assert main(["synth", str(tmp_path / "one"), *args, "--workers", "1"]) == 0
+    assert main(["synth", str(tmp_path / "two"), *args, "--workers", "2"]) == 0
+    for path in sorted((tmp_path / "one").rglob("*.*")):
+        twin = tmp_path / "two" / path.relative_to(tmp_path / "one")
+        assert twin.read_bytes() == path.read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fgdistill.data.check import check_dataset
-from fgdistill.data.synth import generate_synthetic
+from fgdistill.data.synth import generate_synthetic, usable_cores
 from fgdistill.evaluation.coco_eval import IOU_TYPES, score_results_file
 
 
@@ -40,7 +40,14 @@ def register(subparsers: Any) -> None:
         help="0 (clean, few objects) .. 1 (crowded, noisy, low contrast); default 0.5",
     )
     synth.add_argument(
-        "--workers", type=int, default=0, metavar="W", help="render in W processes (0: in this one)"
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help=(
+            "render and write images in W processes (>= 1; 1: in this one; default: the usable "
+            f"cores, here {usable_cores()}); the output does not depend on W"
+        ),
     )
     synth.set_defaults(func=_synth)
 
@@ -87,7 +94,7 @@ def _synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         seed=args.seed,
         difficulty=args.difficulty,
-        num_workers=args.workers,
+        workers=args.workers,
     )
     print(
         f"wrote {summary.total_images} images ({args.image_size}x{args.image_size}) to "

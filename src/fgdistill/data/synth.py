@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import struct
 import time
 import zlib
@@ -50,6 +51,7 @@ __all__ = [
     "generate_synthetic",
     "render_image",
     "synthetic_categories",
+    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -308,8 +310,9 @@ def _extent(shape: str, size: float, aux: float) -> float:
 
 @functools.lru_cache(maxsize=4)
 def _noise_bank(size: int) -> np.ndarray:
-    """Standard normal noise float32 [2 * size, 2 * size, 3] from a fixed seed (read-only)."""
+    """Standard normal noise float32 [3, 2 * size, 2 * size] from a fixed seed (read-only)."""
     bank = np.random.default_rng(0x5EED).standard_normal((2 * size, 2 * size, 3), np.float32)
+    bank = np.ascontiguousarray(bank.transpose(2, 0, 1))  # planar, like the image
     bank.flags.writeable = False
     return bank
 
@@ -320,7 +323,11 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> np.ndarray:
-    """Gradient + faint texture + clutter -> float32 [H, W, 3] (roughly in [0, 1])."""
+    """Gradient + faint texture + clutter -> float32 [3, H, W] (roughly in [0, 1]).
+
+    Planar (channel-first): every per-pixel operation then runs over contiguous rows instead of
+    numpy inner loops of 3 elements, and computes the same float32 values element by element.
+    """
     xs = np.arange(size, dtype=np.float32)[None, :] + 0.5
     ys = np.arange(size, dtype=np.float32)[:, None] + 0.5
     ca, cb = _random_colours(rng, (0.0, 0.5))
@@ -328,7 +335,7 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
     freq = 2 * math.pi / (size * _uniform(rng, 1.0, 3.0))
     phase = _uniform(rng, 0, 2 * math.pi)
     g = _wave(freq * math.cos(angle), freq * math.sin(angle), xs, ys, phase)
-    img = (ca + cb) / 2 + ((cb - ca) / 2) * g[..., None]
+    img = ((ca + cb) / 2)[:, None, None] + ((cb - ca) / 2)[:, None, None] * g
 
     # A faint texture over the whole background (any texture, category ones included).
     strength = _uniform(rng, *cfg.background_texture)
@@ -341,7 +348,7 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
         extent=size / 2,
     )
     tint = (strength * rng.uniform(-1, 1, 3)).astype(np.float32)
-    img += (tex - 0.5)[..., None] * tint
+    img += (tex - 0.5) * tint[:, None, None]
 
     n_clutter = int(rng.integers(cfg.clutter_per_image[0], cfg.clutter_per_image[1] + 1))
     for _ in range(n_clutter):
@@ -357,8 +364,8 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
             np.subtract(width + 0.5, alpha, out=alpha)
             alpha = _clip01(alpha)
             alpha *= opacity
-            delta = colour - img
-            delta *= alpha[..., None]
+            delta = colour[:, None, None] - img
+            delta *= alpha
             img += delta
         else:
             # A soft-edged textured blob, rendered in its window only.
@@ -383,11 +390,11 @@ def _draw_background(rng: np.random.Generator, size: int, cfg: SynthConfig) -> n
             alpha = _clip01((r - rho) * (1 / (0.3 * r)))
             alpha *= opacity
             tex = _texture(texture, dx, dy, period=period, angle=tex_angle, extent=r)
-            patch = img[y0:y1, x0:x1]
-            delta = (c2 - colour) * tex[..., None]
-            delta += colour
+            patch = img[:, y0:y1, x0:x1]
+            delta = (c2 - colour)[:, None, None] * tex
+            delta += colour[:, None, None]
             delta -= patch
-            delta *= alpha[..., None]
+            delta *= alpha
             patch += delta
     return img
 
@@ -481,11 +488,11 @@ def render_image(
                 for hit in np.flatnonzero(hidden):
                     visible[hit] -= int(hidden[hit])
             np.subtract(0.5, sdf, out=sdf)
-            alpha = _clip01(sdf)[..., None]  # anti-aliased coverage
+            alpha = _clip01(sdf)  # anti-aliased coverage
             tex = _texture(item.texture, dx, dy, period, tex_angle, extent)
-            colour = (c1 - c0) * tex[..., None]
-            colour += c0
-            patch = img[y0:y1, x0:x1]  # a view: the updates below draw into img
+            colour = (c1 - c0)[:, None, None] * tex
+            colour += c0[:, None, None]
+            patch = img[:, y0:y1, x0:x1]  # a view: the updates below draw into img
             colour -= patch
             colour *= alpha
             patch += colour
@@ -514,9 +521,9 @@ def render_image(
         # would cost more than all the rendering.
         bank = _noise_bank(size)
         oy, ox = (int(v) for v in rng.integers(0, size, 2))
-        img += bank[oy : oy + size, ox : ox + size] * (255.0 * sigma)
+        img += bank[:, oy : oy + size, ox : ox + size] * (255.0 * sigma)
     np.clip(img, 0, 255, out=img)
-    image = img.astype(np.uint8)
+    image = np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
 
     instances = []
     occluded = 0
@@ -629,7 +636,7 @@ def _write_split(
     sizes = {"small": 0, "medium": 0, "large": 0}
     occluded_total = 0
     tasks = [(image_dir, split, index, image_size, seed, cfg) for index in range(count)]
-    made = pool.imap(_make_image, tasks, chunksize=8) if pool else map(_make_image, tasks)
+    made = pool.imap(_make_image, tasks, chunksize=4) if pool else map(_make_image, tasks)
     for index, (anns, occluded) in enumerate(made):
         occluded_total += occluded
         image_id = index + 1
@@ -662,6 +669,21 @@ def _write_split(
     summary.image_dirs[split] = image_dir
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _pool(workers: int) -> Pool:
+    # fork where the OS has it: workers start in milliseconds and inherit the imported modules
+    # (spawn would import fgdistill, hence torch, again in every worker: seconds each). The
+    # workers run numpy, zlib and pycocotools only.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+
+
 def generate_synthetic(
     out_dir: str | Path,
     *,
@@ -671,7 +693,7 @@ def generate_synthetic(
     seed: int = 0,
     difficulty: float = 0.5,
     config: SynthConfig | None = None,
-    num_workers: int = 0,
+    workers: int | None = None,
 ) -> SynthSummary:
     """Write the synthetic benchmark as a COCO-format dataset.
 
@@ -688,8 +710,10 @@ def generate_synthetic(
         seed: the same arguments give byte-identical JSON and images.
         difficulty: 0 (easy) .. 1 (hard); see :meth:`SynthConfig.from_difficulty`.
         config: explicit knobs; overrides ``difficulty`` when given.
-        num_workers: render in this many processes (0: in this one). The output does not
-            depend on it: every image has its own random generator.
+        workers: render and write the images in this many processes (1: in this one; default:
+            :func:`usable_cores`; never more than there are images). The output does not depend
+            on it: every image has its own random generator, and the annotations are gathered
+            in image order.
 
     Returns:
         A :class:`SynthSummary` with counts, size distribution and the speed.
@@ -698,6 +722,11 @@ def generate_synthetic(
         raise ConfigError(f"image_size must be >= 32, got {image_size}")
     if num_train < 0 or num_val < 0:
         raise ConfigError(f"image counts must be >= 0, got train {num_train}, val {num_val}")
+    if workers is None:
+        workers = usable_cores()
+    elif workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    workers = min(workers, num_train + num_val)
     cfg = config if config is not None else SynthConfig.from_difficulty(difficulty)
     out = Path(out_dir)
     start = time.perf_counter()
@@ -709,13 +738,15 @@ def generate_synthetic(
         "seed": seed,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
-    pool = multiprocessing.get_context().Pool(num_workers) if num_workers > 0 else None
+    pool = _pool(workers) if workers > 1 else None
     try:
         for split, count in (("train", num_train), ("val", num_val)):
             _write_split(out, split, count, image_size, seed, cfg, info, summary, pool)
+        if pool is not None:
+            pool.close()  # every result is in: let the workers finish
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()  # on an error: stop the images still queued
             pool.join()
     summary.seconds = time.perf_counter() - start
     logger.info(
