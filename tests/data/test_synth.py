@@ -94,7 +94,7 @@ def test_workers_must_be_positive(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="workers must be >= 1, got"):
             generate_synthetic(tmp_path, num_train=1, num_val=0, workers=bad)
     assert not (tmp_path / "train").exists()
-    # more workers than images is fine, and so is the default (None: the usable cores)
+    # more workers than images is fine, and so is the default (1: in this process)
     kwargs = {"num_train": 1, "num_val": 1, "image_size": 32}
     summary = generate_synthetic(tmp_path / "eight", **kwargs, workers=8)
     assert summary.num_images == {"train": 1, "val": 1}

@@ -94,7 +94,7 @@ def _synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         seed=args.seed,
         difficulty=args.difficulty,
-        workers=args.workers,
+        workers=usable_cores() if args.workers is None else args.workers,
     )
     print(
         f"wrote {summary.total_images} images ({args.image_size}x{args.image_size}) to "

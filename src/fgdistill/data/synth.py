@@ -693,7 +693,7 @@ def generate_synthetic(
     seed: int = 0,
     difficulty: float = 0.5,
     config: SynthConfig | None = None,
-    workers: int | None = None,
+    workers: int = 1,
 ) -> SynthSummary:
     """Write the synthetic benchmark as a COCO-format dataset.
 
@@ -710,8 +710,8 @@ def generate_synthetic(
         seed: the same arguments give byte-identical JSON and images.
         difficulty: 0 (easy) .. 1 (hard); see :meth:`SynthConfig.from_difficulty`.
         config: explicit knobs; overrides ``difficulty`` when given.
-        workers: render and write the images in this many processes (1: in this one; default:
-            :func:`usable_cores`; never more than there are images). The output does not depend
+        workers: render and write the images in this many processes (1: in this one; never
+            more than there are images; ``fgdistill synth`` defaults to :func:`usable_cores`). The output does not depend
             on it: every image has its own random generator, and the annotations are gathered
             in image order.
 
@@ -722,9 +722,7 @@ def generate_synthetic(
         raise ConfigError(f"image_size must be >= 32, got {image_size}")
     if num_train < 0 or num_val < 0:
         raise ConfigError(f"image counts must be >= 0, got train {num_train}, val {num_val}")
-    if workers is None:
-        workers = usable_cores()
-    elif workers < 1:
+    if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     workers = min(workers, num_train + num_val)
     cfg = config if config is not None else SynthConfig.from_difficulty(difficulty)
