@@ -711,9 +711,9 @@ def generate_synthetic(
         difficulty: 0 (easy) .. 1 (hard); see :meth:`SynthConfig.from_difficulty`.
         config: explicit knobs; overrides ``difficulty`` when given.
         workers: render and write the images in this many processes (1: in this one; never
-            more than there are images; ``fgdistill synth`` defaults to :func:`usable_cores`). The output does not depend
-            on it: every image has its own random generator, and the annotations are gathered
-            in image order.
+            more than there are images; ``fgdistill synth`` defaults to :func:`usable_cores`).
+            The output does not depend on it: every image has its own random generator, and
+            the annotations are gathered in image order.
 
     Returns:
         A :class:`SynthSummary` with counts, size distribution and the speed.
