@@ -22,9 +22,7 @@ reads it; nothing else is ever used to read a checkpoint. A plain detector state
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +34,7 @@ import yaml
 from torch import nn
 
 from fgdistill.errors import CheckpointError
+from fgdistill.io import atomic_write, atomic_write_text
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -61,33 +60,8 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     over ``path`` with :func:`os.replace`; a crash leaves either the old file or the new one,
     never a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(obj), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    data = dict(obj)
+    return atomic_write(path, lambda fh: torch.save(data, fh), fsync=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -173,12 +147,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_model_spec(spec: Mapping[str, Any], path: str | Path) -> Path:
     """Write a detector's build kwargs (``model.fgdistill_spec``) as YAML (``model.yaml``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(spec), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(_plain(spec), sort_keys=False))
 
 
 def _plain(obj: Any) -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Union
 import yaml
 
 from fgdistill.errors import ConfigError
+from fgdistill.io import atomic_write_text
 
 __all__ = [
     "DataConfig",
@@ -446,10 +447,5 @@ def load_config(
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML to ``path`` (its folder is created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)

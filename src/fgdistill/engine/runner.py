@@ -56,6 +56,7 @@ from fgdistill.engine.trainer import (
     seed_everything,
 )
 from fgdistill.errors import CheckpointError, ConfigError
+from fgdistill.io import write_json
 
 __all__ = [
     "RunResult",
@@ -313,12 +314,6 @@ def weights_name(cfg: TrainConfig) -> str:
     return "student.pt" if cfg.distill is not None else "model.pt"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -365,7 +360,7 @@ def train(
     if du.is_main():
         work_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, work_dir / "config.yaml")
-        _write_json(work_dir / "categories.json", categories)
+        write_json(work_dir / "categories.json", categories)
 
     seed_everything(cfg.seed)
     student = build_model(cfg.model, num_classes)
@@ -514,7 +509,7 @@ def train(
 
         save_checkpoint(_student_state(trainable, distilling), model_path)
         save_model_spec(spec, work_dir / "model.yaml")
-        _write_json(
+        write_json(
             work_dir / "metrics.json",
             {
                 "metrics": metrics,
@@ -678,7 +673,7 @@ def evaluate_checkpoint(
         # not config.yaml: by default this is the checkpoint's folder, whose config.yaml is the
         # training run's own (and can repeat it)
         dump_config(cfg, work_dir / "eval_config.yaml")
-        _write_json(
+        write_json(
             work_dir / "eval_metrics.json",
             {
                 "checkpoint": str(checkpoint),
@@ -812,7 +807,7 @@ def predict(
     if bar is not None:
         bar.close()
     results_file = out / "results.json"
-    _write_json(results_file, results)
+    write_json(results_file, results)
     images_file = out / "images.json"
-    _write_json(images_file, {"images": entries, "categories": categories})
+    write_json(images_file, {"images": entries, "categories": categories})
     return PredictResult(results_file, images_file, drawings, len(results))

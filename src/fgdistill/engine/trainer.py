@@ -39,6 +39,7 @@ from fgdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteError
+from fgdistill.io import atomic_write_text, read_jsonl
 
 __all__ = [
     "CheckpointHook",
@@ -756,14 +757,5 @@ def _truncate_log(path: Path, iteration: int) -> None:
     if iteration == 0:
         path.unlink()
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(record.get("iter", 0)) <= iteration:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    tmp.replace(path)
+    kept = [r for r in read_jsonl(path) if int(r.get("iter", 0)) <= iteration]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -12,7 +12,6 @@ the log tells (see :func:`_iters_per_epoch`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from fgdistill.errors import DataError
+from fgdistill.io import read_jsonl
 
 __all__ = ["CURVES_CAPTION", "CurvesFigure", "RunLog", "plot_curves", "read_log"]
 
@@ -115,19 +115,7 @@ def read_log(work_dir: str | Path) -> RunLog:
         )
         raise DataError(f"no training log in {root}: {path} is missing{hint}")
     run = RunLog(work_dir=root, name=root.resolve().name or str(root))
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                logger.warning("%s: skipping truncated last line %d", path, number)
-                continue
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object")
+    for record in read_jsonl(path):
         kind = record.get("type")
         if kind == "train":
             run.train.append(record)
