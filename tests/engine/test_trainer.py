@@ -24,13 +24,12 @@ from fgdistill.engine.trainer import (
     HookBase,
     LoggerHook,
     LRScheduleHook,
-    NonFiniteLossError,
     Trainer,
     WarmupMultiStepSchedule,
     build_optimizer,
     epoch_seed,
 )
-from fgdistill.errors import CheckpointError
+from fgdistill.errors import CheckpointError, NonFiniteLossError
 
 
 class NoisyImages(Dataset):

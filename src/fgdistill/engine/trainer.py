@@ -38,7 +38,7 @@ from fgdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteError
+from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteLossError
 from fgdistill.io import atomic_write_text, read_jsonl
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "HookBase",
     "LRScheduleHook",
     "LoggerHook",
-    "NonFiniteLossError",
     "Trainer",
     "WarmupMultiStepSchedule",
     "build_optimizer",
@@ -58,10 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(NonFiniteError):
-    """A loss term became NaN or infinite; the run stops before the bad update is applied."""
 
 
 def seed_everything(seed: int) -> None:

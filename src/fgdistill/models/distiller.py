@@ -43,7 +43,6 @@ from fgdistill.models.levels import LevelInfo, backbone_levels
 
 __all__ = [
     "INHERIT_PREFIXES",
-    "INHERIT_REVISION",
     "DistillBatch",
     "Distiller",
     "InheritReport",
@@ -65,11 +64,6 @@ INHERIT_PREFIXES: tuple[str, ...] = (
     "roi_heads.",
     "moment_transfer",
 )
-
-#: Revision of what inheriting copies, per student architecture; 1 unless it changed. RepPoints
-#: is at 2 since its learned moment transfer is inherited too (2026-12-02). Results made under
-#: an older revision are not reused or pooled with newer ones (stage fingerprints hold it).
-INHERIT_REVISION: dict[str, int] = {"reppoints": 2}
 
 _LEVEL_RE = re.compile(r"p[1-9]\d*")
 
