@@ -32,8 +32,9 @@ import torch
 
 from fgdistill.data.coco import CocoDetection
 from fgdistill.engine.checkpoint import load_detector
-from fgdistill.losses import NORMALIZE_MODES, PRESETS, spatial_attention
+from fgdistill.losses import NORMALIZE_MODES, spatial_attention
 from fgdistill.models import Distiller, build_detector
+from fgdistill.models.presets import PRESETS
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 

@@ -113,7 +113,7 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
 
 def _trained_temperature(checkpoint: Path) -> float | None:
     """The temperature the student was distilled with, from the config.yaml beside it."""
-    from fgdistill.losses.multilevel import PRESETS
+    from fgdistill.models.presets import PRESETS
 
     config = checkpoint.parent / "config.yaml"
     try:
@@ -140,8 +140,8 @@ def _out_names(images: Sequence[Path]) -> list[str]:
 
 def _cmd_attention(args: argparse.Namespace) -> int:
     from fgdistill.engine.checkpoint import load_detector
-    from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
     from fgdistill.models.build import model_spec
+    from fgdistill.models.presets import DEFAULT_LEVELS, PRESETS
     from fgdistill.viz.attention import (
         extract_features,
         load_gt_boxes,

@@ -135,8 +135,8 @@ class OptimConfig:
 class DistillConfig:
     """FGD distillation from a trained teacher.
 
-    ``preset`` names a family in :data:`fgdistill.losses.PRESETS` (``None``: derived from the
-    student's architecture). ``hparams`` overrides fields of the preset for every level
+    ``preset`` names a family in :data:`fgdistill.models.presets.PRESETS` (``None``: derived from
+    the student's architecture). ``hparams`` overrides fields of the preset for every level
     (``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_``); ``level_hparams`` overrides
     them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels`` defaults to the family's
     levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);

@@ -239,7 +239,8 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
     """Per-level :class:`FGDHyperParams` from the preset and the config's overrides."""
     import dataclasses
 
-    from fgdistill.losses import PRESETS, FGDHyperParams
+    from fgdistill.losses import FGDHyperParams
+    from fgdistill.models.presets import PRESETS
 
     dc = cfg.distill
     assert dc is not None
@@ -275,8 +276,8 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
 
 
 def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> nn.Module:
-    from fgdistill.losses import DEFAULT_LEVELS
     from fgdistill.models import Distiller, load_state_dict_checked
+    from fgdistill.models.presets import DEFAULT_LEVELS
 
     dc = cfg.distill
     assert dc is not None

@@ -5,17 +5,15 @@ from fgdistill.losses.fgd import FGDLoss
 from fgdistill.losses.imitation import FeatureImitationLoss
 from fgdistill.losses.masks import fgd_masks
 from fgdistill.losses.multilevel import (
-    DEFAULT_LEVELS,
     NORMALIZE_MODES,
-    PRESETS,
+    ONE_STAGE_HPARAMS,
     FGDHyperParams,
     MultiLevelFGD,
 )
 
 __all__ = [
-    "DEFAULT_LEVELS",
     "NORMALIZE_MODES",
-    "PRESETS",
+    "ONE_STAGE_HPARAMS",
     "FGDHyperParams",
     "FGDLoss",
     "FeatureImitationLoss",

@@ -37,9 +37,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 from fgdistill.errors import CompatibilityError, ConfigError
-from fgdistill.losses import DEFAULT_LEVELS, PRESETS, FGDHyperParams, MultiLevelFGD
+from fgdistill.losses import FGDHyperParams, MultiLevelFGD
 from fgdistill.models.build import SPEC_ATTR
 from fgdistill.models.levels import LevelInfo, backbone_levels
+from fgdistill.models.presets import DEFAULT_LEVELS, PRESETS
 
 __all__ = [
     "INHERIT_PREFIXES",
