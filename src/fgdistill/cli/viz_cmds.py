@@ -139,7 +139,7 @@ def _out_names(images: Sequence[Path]) -> list[str]:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from fgdistill.engine.checkpoint import load_detector
+    from fgdistill.models import load_detector
     from fgdistill.models.build import model_spec
     from fgdistill.models.presets import DEFAULT_LEVELS, PRESETS
     from fgdistill.viz.attention import (

@@ -42,6 +42,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "detector_kwargs",
     "dump_config",
     "from_mapping",
     "load_config",
@@ -76,6 +77,30 @@ class ModelConfig:
     head_norm: str | None = None
     anchor_sizes: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def detector_kwargs(model_cfg: ModelConfig, num_classes: int | None = None) -> dict[str, Any]:
+    """``build_detector`` keyword arguments (``arch`` included) of a :class:`ModelConfig`.
+
+    ``num_classes`` (background included) is used when the config leaves it ``None``.
+    """
+    kwargs: dict[str, Any] = {
+        "arch": model_cfg.arch,
+        "backbone": model_cfg.backbone,
+        "num_classes": model_cfg.num_classes or num_classes,
+        "fpn_channels": model_cfg.fpn_channels,
+        "min_size": model_cfg.min_size,
+        "max_size": model_cfg.max_size,
+        "weights": model_cfg.weights,
+        "weights_backbone": model_cfg.weights_backbone,
+        "trainable_layers": model_cfg.trainable_layers,
+        "frozen_bn": model_cfg.frozen_bn,
+        "head_norm": model_cfg.head_norm,
+    }
+    if model_cfg.anchor_sizes is not None:
+        kwargs["anchor_sizes"] = list(model_cfg.anchor_sizes)
+    kwargs.update(model_cfg.extra)
+    return kwargs
 
 
 @dataclass

@@ -36,9 +36,7 @@ class FGDHyperParams:
 
 #: The paper's one-stage setting, :class:`MultiLevelFGD`'s default. The settings per detector
 #: family are in :mod:`fgdistill.models.presets`.
-ONE_STAGE_HPARAMS = FGDHyperParams(
-    temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6
-)
+ONE_STAGE_HPARAMS = FGDHyperParams(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6)
 
 LOSS_TYPES: tuple[str, ...] = ("fgd", "mse")
 
