@@ -181,7 +181,7 @@ def test_not_an_image_is_a_clear_error(checkpoints, tmp_path, capsys) -> None:
         ]
     )
     assert rc == 2
-    assert "cannot read image" in capsys.readouterr().err
+    assert "image does not decode" in capsys.readouterr().err
 
 
 def test_temperature_comes_from_the_distillation_config(tmp_path) -> None:

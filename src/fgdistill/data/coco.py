@@ -29,12 +29,12 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fgdistill.data.images import read_image
 from fgdistill.errors import DataError
 
 __all__ = [
@@ -45,10 +45,8 @@ __all__ = [
     "Target",
     "decode_rle_counts",
     "degenerate_after_clipping",
-    "load_image",
     "read_annotations",
     "segmentation_to_mask",
-    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -572,51 +570,6 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     return np.ascontiguousarray(mask, dtype=np.uint8)
 
 
-#: PIL modes of grey images with more than 8 bits (16-bit and 32-bit integers, 32-bit floats)
-_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "F")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as an 8-bit RGB image, whatever its mode.
-
-    Grey images of more than 8 bits are stretched from their own minimum to maximum onto 0-255
-    (PIL's plain conversion would clip every value above 255 to white); a palette image with
-    transparency goes through RGBA; transparency is dropped. Training, prediction and the
-    attention pictures all read images through this function.
-    """
-    if img.mode in _WIDE_GREY:
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def load_image(path: Path, *, expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB; raise :class:`DataError` naming the file.
-
-    Args:
-        path: the image file.
-        expected_size: ``(width, height)`` from the annotations; a different size is an error.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: image does not decode ({exc})") from None
-    if expected_size is not None and rgb.size != expected_size:
-        raise DataError(
-            f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but the annotations say "
-            f"{expected_size[0]}x{expected_size[1]} (width x height)"
-        )
-    return rgb
-
-
 # --------------------------------------------------------------------------- dataset
 
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
@@ -741,9 +694,7 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
 
     def __getitem__(self, idx: int) -> tuple[Tensor, Target]:
         info = self._images[idx]
-        pil = load_image(self.image_dir / info.file_name, expected_size=(info.width, info.height))
-        array = np.asarray(pil, dtype=np.uint8)
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        image = read_image(self.image_dir / info.file_name, expected_size=(info.width, info.height))
         target = self.target(info)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fgdistill.data.images import read_image
 from fgdistill.engine import distributed as du
 from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config
 from fgdistill.engine.trainer import move_batch
@@ -249,21 +250,6 @@ class PredictResult:
     num_detections: int
 
 
-def _read_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    from fgdistill.data.coco import to_rgb
-    from fgdistill.errors import DataError
-
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as img:
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image: {exc}") from None
-
-
 @torch.no_grad()
 def predict(
     checkpoint: str | Path,
@@ -286,12 +272,10 @@ def predict(
         CheckpointError: missing, corrupt or unidentifiable checkpoint.
         DataError: an image is missing or unreadable.
     """
-    import numpy as np
-
     from fgdistill.viz.draw import draw_detections, unique_png_names
 
     paths = [Path(p) for p in images]
-    pil_images = [_read_image(p) for p in paths]  # fail early, before loading the model
+    pictures = [read_image(p) for p in paths]  # fail early, before loading the model
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -311,13 +295,10 @@ def predict(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc="predict", unit="img")
-    for image_id, (path, pil) in enumerate(zip(paths, pil_images, strict=True), start=1):
-        tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-        tensor = tensor.float().div_(255.0).to(dev)
-        output = {k: v.cpu() for k, v in model([tensor])[0].items()}
-        entries.append(
-            {"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height}
-        )
+    for image_id, (path, picture) in enumerate(zip(paths, pictures, strict=True), start=1):
+        output = {k: v.cpu() for k, v in model([picture.to(dev)])[0].items()}
+        height, width = picture.shape[-2:]
+        entries.append({"id": image_id, "file_name": str(path), "width": width, "height": height})
         for box, label, score in zip(
             output["boxes"].tolist(),
             output["labels"].tolist(),
@@ -341,7 +322,7 @@ def predict(
             )
         name = drawing_names[image_id - 1]
         drawn = draw_detections(
-            pil,
+            picture,
             output["boxes"],
             output["labels"],
             output["scores"],
