@@ -16,7 +16,7 @@ Run (after ``fgdistill bench quality`` has cached its teacher)::
     python benchmarks/fgd_magnitudes.py --data work_dirs/bench_quality/data \\
         --teacher work_dirs/bench_quality/teacher_retinanet/model.pt
 
-A trained teacher is loaded with :func:`fgdistill.engine.checkpoint.load_detector`; the random
+A trained teacher is loaded with :func:`fgdistill.models.load_detector`; the random
 one and the student are built like the quality benchmark's models (96 px RetinaNet, FPN 128,
 GroupNorm heads).
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from fgdistill.data.coco import CocoDetection
-from fgdistill.engine.checkpoint import load_detector
-from fgdistill.losses import NORMALIZE_MODES, PRESETS, spatial_attention
-from fgdistill.models import Distiller, build_detector
+from fgdistill.losses import NORMALIZE_MODES, spatial_attention
+from fgdistill.models import Distiller, build_detector, load_detector
+from fgdistill.models.presets import PRESETS
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 

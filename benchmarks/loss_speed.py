@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgdistill.losses import PRESETS, FGDLoss, MultiLevelFGD
+from fgdistill.losses import FGDLoss, MultiLevelFGD
+from fgdistill.models.presets import PRESETS
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 BATCH_SHAPE = (800, 1216)

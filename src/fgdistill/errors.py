@@ -31,3 +31,7 @@ class CompatibilityError(FgdistillError):
 
 class NonFiniteError(FgdistillError):
     """A feature map or a loss became NaN or infinite: training diverged, or the input is bad."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A loss term became NaN or infinite; the run stops before the bad update is applied."""

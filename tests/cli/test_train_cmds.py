@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from fgdistill.cli.main import main
-from fgdistill.engine.checkpoint import load_checkpoint, load_detector
+from fgdistill.models import load_detector
+from fgdistill.models.checkpoint import load_checkpoint
 
 # A detector small enough to train a few steps in seconds on a CPU.
 TINY = {

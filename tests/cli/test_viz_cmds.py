@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fgdistill.cli.main import main
-from fgdistill.engine.checkpoint import save_model_spec
 from fgdistill.models.build import build_detector, model_spec
+from fgdistill.models.checkpoint import save_model_spec
 
 TINY = dict(backbone="resnet18", num_classes=3, min_size=64, max_size=64)
 
@@ -181,7 +181,7 @@ def test_not_an_image_is_a_clear_error(checkpoints, tmp_path, capsys) -> None:
         ]
     )
     assert rc == 2
-    assert "cannot read image" in capsys.readouterr().err
+    assert "image does not decode" in capsys.readouterr().err
 
 
 def test_temperature_comes_from_the_distillation_config(tmp_path) -> None:

@@ -118,7 +118,7 @@ def test_two_process_gloo_training_and_gathered_eval(
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 1
     # Each rank's random states are kept, so that a resumed rank goes on with its own draws.
-    from fgdistill.engine.checkpoint import load_checkpoint
+    from fgdistill.models.checkpoint import load_checkpoint
 
     states = load_checkpoint(work / "last.pt")["rng_per_rank"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
@@ -165,7 +165,7 @@ class Oracle(nn.Module):
 
 def _eval_worker(rank: int, root: str, port: int, out: str) -> None:
     from fgdistill.data.coco import CocoDetection
-    from fgdistill.engine.runner import evaluate_model
+    from fgdistill.engine.inference import evaluate_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -187,7 +187,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_gathered_evaluation(synth_dataset: Path, tmp_path: Path) -> None:
     from fgdistill.data.coco import CocoDetection
-    from fgdistill.engine.runner import evaluate_model
+    from fgdistill.engine.inference import evaluate_model
 
     mp.spawn(
         _eval_worker, args=(str(synth_dataset), _free_port(), str(tmp_path)), nprocs=2, join=True

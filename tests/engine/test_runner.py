@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fgdistill.engine.config import DistillConfig, TrainConfig
-from fgdistill.engine.runner import _fgd_hparams, check_same_categories
+from fgdistill.engine.runner import _fgd_hparams
 from fgdistill.errors import ConfigError
 
 LEVELS = ("p3", "p4")
@@ -35,18 +35,3 @@ def test_overrides_reach_their_levels() -> None:
 def test_bad_values_name_the_key(distill: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         _fgd_hparams(_cfg(**distill), LEVELS, "retinanet")
-
-
-def test_category_lists_must_agree() -> None:
-    train = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
-    check_same_categories(train, "train.json", [dict(c) for c in train], "val.json")
-    # without dog, bird would be label 2 in val but 3 in the model
-    with pytest.raises(ConfigError) as err:
-        check_same_categories(train, "train.json", [train[0], train[2]], "val.json")
-    message = str(err.value)
-    assert "categories of val.json differ from those of train.json" in message
-    assert "only in train.json: 2 'dog'" in message and "only in val.json" not in message
-    renamed = [train[0], train[1], {"id": 3, "name": "crow"}]
-    both = r"only in train.json: 3 'bird'; only in v.json: 3 'crow'"
-    with pytest.raises(ConfigError, match=both):
-        check_same_categories(train, "train.json", renamed, "v.json")

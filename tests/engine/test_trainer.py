@@ -11,12 +11,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fgdistill.engine.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from fgdistill.engine.trainer import (
     CheckpointHook,
     EvalHook,
@@ -24,13 +18,13 @@ from fgdistill.engine.trainer import (
     HookBase,
     LoggerHook,
     LRScheduleHook,
-    NonFiniteLossError,
     Trainer,
     WarmupMultiStepSchedule,
     build_optimizer,
     epoch_seed,
 )
-from fgdistill.errors import CheckpointError
+from fgdistill.errors import CheckpointError, NonFiniteLossError
+from fgdistill.models.checkpoint import load_checkpoint
 
 
 class NoisyImages(Dataset):
@@ -262,51 +256,3 @@ def test_hook_order_and_calls(tmp_path: Path) -> None:
     trainer.register(Recorder())
     trainer.train()
     assert calls == ["bt", "ae1", "at"]
-
-
-def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path: Path) -> None:
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(3)
-    np.random.seed(3)
-    random.seed(3)
-    state = capture_rng_state()
-    expected = (torch.rand(3), np.random.rand(3), random.random())
-    path = save_checkpoint({"rng": state}, tmp_path / "rng.pt")
-    torch.manual_seed(99)
-    np.random.seed(99)
-    random.seed(99)
-    restore_rng_state(load_checkpoint(path)["rng"])
-    assert torch.equal(torch.rand(3), expected[0])
-    assert np.array_equal(np.random.rand(3), expected[1])
-    assert random.random() == expected[2]
-
-
-def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint not found"):
-        load_checkpoint(tmp_path / "nope.pt")
-    corrupt = tmp_path / "corrupt.pt"
-    save_checkpoint({"w": torch.ones(3)}, corrupt)
-    data = corrupt.read_bytes()
-    corrupt.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"corrupt\.pt: cannot read checkpoint"):
-        load_checkpoint(corrupt)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"garbage\.pt"):
-        load_checkpoint(garbage)
-
-
-def test_atomic_save_leaves_old_file_on_failure(tmp_path: Path) -> None:
-    path = save_checkpoint({"w": torch.ones(2)}, tmp_path / "last.pt")
-
-    class Unpicklable:
-        def __reduce__(self) -> Any:
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        save_checkpoint({"w": Unpicklable()}, path)
-    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind

@@ -5,8 +5,7 @@ import torch
 
 from fgdistill.errors import NonFiniteError
 from fgdistill.losses import (
-    DEFAULT_LEVELS,
-    PRESETS,
+    ONE_STAGE_HPARAMS,
     FeatureImitationLoss,
     FGDHyperParams,
     FGDLoss,
@@ -26,17 +25,13 @@ BOXES = [torch.tensor([[4.0, 4.0, 30.0, 20.0]]), torch.zeros(0, 4)]
 BATCH = (48, 64)
 
 
-def test_presets_follow_the_released_configs() -> None:
-    assert set(PRESETS) == {"retinanet", "fcos", "faster_rcnn", "mask_rcnn", "reppoints"}
-    assert PRESETS["retinanet"] == FGDHyperParams(0.5, 1e-3, 5e-4, 5e-4, 5e-6)
-    assert PRESETS["faster_rcnn"] == FGDHyperParams(0.5, 5e-5, 2.5e-5, 5e-5, 5e-7)
-    assert PRESETS["mask_rcnn"] == PRESETS["faster_rcnn"]
-    assert PRESETS["reppoints"] == FGDHyperParams(0.5, 1.6e-3, 8e-4, 8e-4, 8e-6)
-    assert PRESETS["fcos"] == FGDHyperParams(0.8, 1.6e-3, 8e-4, 8e-4, 8e-6)
-    assert DEFAULT_LEVELS["retinanet"] == ("p3", "p4", "p5", "p6", "p7")
-    assert DEFAULT_LEVELS["fcos"] == DEFAULT_LEVELS["reppoints"] == DEFAULT_LEVELS["retinanet"]
-    assert DEFAULT_LEVELS["faster_rcnn"] == ("p2", "p3", "p4", "p5")
-    assert DEFAULT_LEVELS["mask_rcnn"] == DEFAULT_LEVELS["faster_rcnn"]
+# settings of the released configs, written out here: the losses know no detector names
+TWO_STAGE = FGDHyperParams(0.5, 5e-5, 2.5e-5, 5e-5, 5e-7)
+FCOS_LIKE = FGDHyperParams(0.8, 1.6e-3, 8e-4, 8e-4, 8e-6)
+
+
+def test_hyperparameter_defaults() -> None:
+    assert FGDHyperParams(0.5, 1e-3, 5e-4, 5e-4, 5e-6) == ONE_STAGE_HPARAMS
     # the dataclass defaults are FGDLoss's keyword defaults
     assert dataclasses.asdict(FGDHyperParams()) == {
         "temperature": 0.5,
@@ -46,12 +41,12 @@ def test_presets_follow_the_released_configs() -> None:
         "lambda_": 5e-6,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
-        PRESETS["fcos"].alpha = 1.0  # type: ignore[misc]
+        FCOS_LIKE.alpha = 1.0  # type: ignore[misc]
 
 
 def test_terms_and_total_match_per_level_losses() -> None:
     torch.manual_seed(0)
-    ml = MultiLevelFGD(LEVELS, 8, 8, PRESETS["fcos"])
+    ml = MultiLevelFGD(LEVELS, 8, 8, FCOS_LIKE)
     student, teacher = features(8, 1), features(8, 2)
     terms, total = ml(student, teacher, BOXES, BATCH)
     assert list(terms) == [
@@ -67,7 +62,7 @@ def test_terms_and_total_match_per_level_losses() -> None:
 
 
 def test_per_level_channels_and_hparams_and_backward() -> None:
-    hp = {"p3": PRESETS["retinanet"], "p4": FGDHyperParams(gamma=0.0)}
+    hp = {"p3": ONE_STAGE_HPARAMS, "p4": FGDHyperParams(gamma=0.0)}
     ml = MultiLevelFGD(LEVELS, {"p3": 4, "p4": 8}, 8, hp)
     assert ml.losses["p3"].align is not None and ml.losses["p4"].align is None
     student = {"p3": features(4, 1)["p3"], "p4": features(8, 1)["p4"]}
@@ -82,7 +77,7 @@ def test_per_level_channels_and_hparams_and_backward() -> None:
 
 
 def test_mse_baseline() -> None:
-    ml = MultiLevelFGD(LEVELS, 8, 8, PRESETS["faster_rcnn"], loss_type="mse")
+    ml = MultiLevelFGD(LEVELS, 8, 8, TWO_STAGE, loss_type="mse")
     assert all(isinstance(m, FeatureImitationLoss) for m in ml.losses.values())
     student, teacher = features(8, 1), features(8, 2)
     terms, total = ml(student, teacher, BOXES, BATCH)
@@ -94,8 +89,8 @@ def test_mse_baseline() -> None:
 @pytest.mark.parametrize("loss_type", ["fgd", "mse"])
 def test_teacher_rms_normalisation_removes_the_feature_scale(loss_type: str) -> None:
     torch.manual_seed(0)
-    raw = MultiLevelFGD(LEVELS, 8, 8, PRESETS["retinanet"], loss_type=loss_type)
-    norm = MultiLevelFGD(LEVELS, 8, 8, PRESETS["retinanet"], loss_type=loss_type)
+    raw = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, loss_type=loss_type)
+    norm = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, loss_type=loss_type)
     norm.load_state_dict(raw.state_dict())
     assert norm.normalize == "none" and "normalize='none'" in repr(norm)
     norm.normalize = "teacher_rms"
@@ -155,7 +150,7 @@ def test_a_diverged_level_is_a_user_facing_error_that_names_it() -> None:
         ((("p3", "p3"), 8, 8), {}, "unique"),
         (("p3", 8, 8), {}, "sequence of level names"),
         ((LEVELS, {"p3": 8}, 8), {}, r"student_channels has no entry for level\(s\) \['p4'\]"),
-        ((LEVELS, 8, 8, {"p3": PRESETS["fcos"]}), {}, "hparams has no entry"),
+        ((LEVELS, 8, 8, {"p3": FCOS_LIKE}), {}, "hparams has no entry"),
         ((LEVELS, 8, 8), {"loss_type": "kd"}, "loss_type"),
         ((LEVELS, 8, 8), {"normalize": "batchnorm"}, "normalize must be one of"),
         ((LEVELS, 8.0, 8), {}, "must be int"),

@@ -17,10 +17,11 @@ from torchvision.ops import FrozenBatchNorm2d
 from fgdistill.errors import CheckpointError, ConfigError
 from fgdistill.models.build import (
     build_detector,
-    load_checkpoint,
+    load_detector,
     load_state_dict_checked,
     model_spec,
 )
+from fgdistill.models.checkpoint import save_model_spec
 
 TINY: dict[str, Any] = {
     "backbone": "resnet18",
@@ -154,16 +155,28 @@ def test_detector_options_reach_the_detector() -> None:
 
 
 def test_a_stored_spec_with_an_option_nobody_took_still_rebuilds(
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fgdistill.engine.checkpoint import build_from_spec
-
     # written before options were checked: torchvision had ignored it, so the model lacks it
     spec = {"arch": "retinanet", **TINY, "fpn_channels": 32, "scor_thresh": 0.2}
+    source = build_detector("retinanet", **{**TINY, "fpn_channels": 32})
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    save_model_spec(spec, tmp_path / "model.yaml")
     with caplog.at_level("WARNING"):
-        model = build_from_spec(spec)
+        model = load_detector(tmp_path / "model.pt")
     assert model.score_thresh == 0.05
+    assert not model.training
     assert "leaving out ['scor_thresh'], which retinanet does not take" in caplog.text
+
+
+def test_load_detector_uses_the_fallback_spec_only_without_one(tmp_path: Path) -> None:
+    source = build_detector("fcos", **TINY)
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(CheckpointError, match="cannot tell which detector"):
+        load_detector(path)
+    model = load_detector(path, fallback_spec={"arch": "fcos", **TINY})
+    assert model_spec(model) == model_spec(source)
 
 
 def test_reppoints_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,25 +219,13 @@ def test_backbone_weights_from_a_path(tmp_path: Path) -> None:
     )
 
 
-class _NotATensor:
-    pass
-
-
 def test_bad_checkpoint_files(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        build_detector("retinanet", weights=tmp_path / "nope.pt", **TINY)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(CheckpointError, match="corrupt"):
         build_detector("retinanet", weights=corrupt, **TINY)
-    pickled = tmp_path / "pickled.pt"
-    torch.save({"model": _NotATensor()}, pickled)
-    with pytest.raises(CheckpointError, match="weights-only"):
-        load_checkpoint(pickled)
-    notdict = tmp_path / "list.pt"
-    torch.save([torch.zeros(1)], notdict)
-    with pytest.raises(CheckpointError, match="no state dict"):
-        load_checkpoint(notdict)
 
 
 def test_mismatched_checkpoint_names_every_bad_key(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fgdistill.errors import CompatibilityError, ConfigError
-from fgdistill.losses import PRESETS, FGDHyperParams, fgd_masks
+from fgdistill.losses import FGDHyperParams, fgd_masks
 from fgdistill.models import (
     Distiller,
     LevelInfo,
@@ -20,6 +20,7 @@ from fgdistill.models import (
     load_state_dict_checked,
     model_spec,
 )
+from fgdistill.models.presets import PRESETS
 
 TINY: dict[str, Any] = {"backbone": "resnet18", "num_classes": 3, "min_size": 64, "max_size": 96}
 # Two images of different sizes and aspect ratios: 40x60 is scaled by 1.6 to 64x96, 80x50 by 1.2

@@ -13,7 +13,7 @@ from PIL import Image
 from fgdistill.errors import CompatibilityError, DataError
 from fgdistill.losses import attention as loss_attention
 from fgdistill.losses.masks import fgd_masks
-from fgdistill.viz.attention import extract_features, load_gt_boxes, load_image, plot_attention
+from fgdistill.viz.attention import extract_features, load_gt_boxes, plot_attention
 
 DPI = 40
 PANEL_PX = 2.6 * DPI
@@ -155,35 +155,6 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         plot_attention(image, {"p5": torch.randn(1, 8, 2, 3)}, _features(1), tmp_path / "a.png")
     assert not (tmp_path / "a.png").exists()
     assert plt.get_fignums() == []  # no figure left open by a failed call
-
-
-@pytest.mark.parametrize(
-    ("mode", "size"),
-    [("L", (37, 23)), ("RGBA", (40, 31)), ("I;16", (17, 9)), ("P", (8, 8)), ("RGB", (33, 65))],
-)
-def test_load_image_converts_to_rgb(tmp_path: Path, mode: str, size: tuple[int, int]) -> None:
-    rng = np.random.default_rng(0)
-    if mode == "I;16":
-        img = Image.fromarray(rng.integers(0, 4000, size[::-1], dtype=np.uint16))
-    else:
-        img = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert(mode)
-    path = tmp_path / "x.png"
-    img.save(path)
-    tensor = load_image(path)
-    assert tensor.shape == (3, size[1], size[0]) and tensor.dtype == torch.float32
-    assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
-    if mode == "I;16":  # 16-bit grey is stretched to the full range, not clipped to white
-        assert float(tensor.max()) == 1.0 and float(tensor.min()) == 0.0
-    if mode in ("L", "I;16"):
-        assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
-
-
-def test_load_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
-        load_image(tmp_path / "missing.png")
-    (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(DataError, match="cannot read image"):
-        load_image(tmp_path / "notes.png")
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fgdistill.engine.runner import evaluate_checkpoint
+    from fgdistill.engine.inference import evaluate_checkpoint
 
     cfg = _load(args)
     cfg.work_dir = str(args.work_dir or Path(args.checkpoint).parent)
@@ -204,7 +204,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fgdistill.engine.runner import predict
+    from fgdistill.engine.inference import predict
 
     out = args.out or args.work_dir or Path("predictions")
     extra: dict[str, Any] = {}

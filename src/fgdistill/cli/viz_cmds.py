@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -113,7 +112,7 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
 
 def _trained_temperature(checkpoint: Path) -> float | None:
     """The temperature the student was distilled with, from the config.yaml beside it."""
-    from fgdistill.losses.multilevel import PRESETS
+    from fgdistill.models.presets import PRESETS
 
     config = checkpoint.parent / "config.yaml"
     try:
@@ -131,28 +130,16 @@ def _trained_temperature(checkpoint: Path) -> float | None:
     return PRESETS[preset].temperature if isinstance(preset, str) and preset in PRESETS else None
 
 
-def _out_names(images: Sequence[Path]) -> list[str]:
-    """``attention_<stem>.png`` for each image, numbered where two stems are equal."""
-    from fgdistill.viz.draw import unique_png_names
-
-    return unique_png_names([f"attention_{image.stem}" for image in images])
-
-
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from fgdistill.engine.checkpoint import load_detector
-    from fgdistill.losses.multilevel import DEFAULT_LEVELS, PRESETS
-    from fgdistill.models.build import model_spec
-    from fgdistill.viz.attention import (
-        extract_features,
-        load_gt_boxes,
-        load_image,
-        plot_attention,
-    )
-    from fgdistill.viz.report import Figure, Table, write_report
+    from fgdistill.data.images import read_image
+    from fgdistill.models import load_detector, model_spec
+    from fgdistill.models.presets import PRESETS
+    from fgdistill.viz.attention import load_gt_boxes
+    from fgdistill.viz.attention_report import AttentionImage, write_attention_report
 
     # Check every input before the (slow) model loading.
-    images = [Path(p) for p in args.images]
-    for image in images:
+    paths = [Path(p) for p in args.images]
+    for image in paths:
         if not image.is_file():
             raise DataError(f"image {image} not found")
     for flag in ("teacher", "student", "baseline"):
@@ -164,7 +151,13 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         raise DataError(f"--temperature must be > 0, got {args.temperature}")
     gt: dict[str, torch.Tensor] | None = None
     if args.ann is not None:
-        gt = load_gt_boxes(args.ann, [p.name for p in images])
+        gt = load_gt_boxes(args.ann, [p.name for p in paths])
+        for image in paths:
+            if image.name not in gt:
+                print(
+                    f"warning: {image.name} is not in {args.ann}; drawing it without masks",
+                    file=sys.stderr,
+                )
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -173,64 +166,17 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     teacher = load_detector(args.teacher, map_location=device)
     student = load_detector(args.student, map_location=device)
     baseline = load_detector(args.baseline, map_location=device) if args.baseline else None
-
-    arch = (model_spec(student) or {}).get("arch")
     temperature = args.temperature
     if temperature is None:
         temperature = _trained_temperature(Path(args.student))
     if temperature is None:
+        arch = (model_spec(student) or {}).get("arch")
         temperature = PRESETS[arch].temperature if arch in PRESETS else 0.5
-    levels = args.levels
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    rows: list[dict[str, object]] = []
-    for image_path, out_name in zip(images, _out_names(images), strict=True):
-        picture = load_image(image_path)
-        boxes = None
-        if gt is not None:
-            boxes = gt.get(image_path.name)
-            if boxes is None:
-                print(
-                    f"warning: {image_path.name} is not in {args.ann}; drawing it without masks",
-                    file=sys.stderr,
-                )
-        feats = extract_features(student, teacher, picture, boxes=boxes, baseline=baseline)
-        chosen = levels
-        if chosen is None and arch in DEFAULT_LEVELS:
-            chosen = [lvl for lvl in DEFAULT_LEVELS[arch] if lvl in feats.student] or None
-        figure = plot_attention(
-            feats.image,
-            feats.teacher,
-            feats.student,
-            out_dir / out_name,
-            boxes=feats.boxes,
-            batch_shape=feats.batch_shape,
-            temperature=temperature,
-            baseline=feats.baseline,
-            levels=chosen,
-            dpi=args.dpi,
-            title=f"{image_path.name}: teacher {Path(args.teacher).name} vs student "
-            f"{Path(args.student).name}"
-            + (f" (baseline {Path(args.baseline).name})" if args.baseline else ""),
-        )
-        written.append(figure.path)
-        width, height = figure.size
-        print(f"wrote {figure.path} ({len(figure.levels)} levels, {width}x{height} px)")
-        for level, by_role in figure.distance.items():
-            row: dict[str, object] = {"image": image_path.name, "level": level}
-            for kind in ("spatial", "channel"):
-                for role, values in by_role.items():
-                    row[f"{kind} L1, {role}"] = values[kind]
-            rows.append(row)
-            print(
-                f"  {level}: attention L1 to the teacher (spatial / channel): "
-                + "; ".join(
-                    f"{role} {v['spatial']:.3g} / {v['channel']:.3g}" for role, v in by_role.items()
-                )
-            )
-
+    names = {flag: Path(getattr(args, flag)).name for flag in ("teacher", "student")}
+    subtitle = f"teacher {names['teacher']} vs student {names['student']}" + (
+        f" (baseline {Path(args.baseline).name})" if args.baseline else ""
+    )
     notes = [
         f"Teacher: {args.teacher}. Student: {args.student}."
         + (f" Baseline student: {args.baseline}." if args.baseline else ""),
@@ -241,28 +187,32 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             else "No ground truth given (--ann), so no FGD masks are drawn."
         ),
     ]
-    report = write_report(
-        out_dir,
-        title="What FGD distils: teacher vs student attention",
-        images=[
-            Figure(p.name, title=f"Attention on {src.name}")
-            for p, src in zip(written, images, strict=True)
+    result = write_attention_report(
+        teacher,
+        student,
+        [
+            AttentionImage(p.name, read_image(p), gt.get(p.name) if gt is not None else None)
+            for p in paths
         ],
+        args.out,
+        temperature=temperature,
+        baseline=baseline,
+        levels=args.levels,
+        dpi=args.dpi,
+        subtitle=subtitle,
         notes=notes,
-        tables=[
-            Table(
-                "How far each student's attention is from the teacher's",
-                rows,
-                note="L1 distances sum |A^teacher - A^student| over positions (spatial) and "
-                "over channels (channel): the two halves of FGD's unweighted attention loss for "
-                "this image. Smaller is closer to the teacher; a student distilled with FGD "
-                "should be below the baseline.",
-            )
-        ],
-        embed_images=False,
-        filename="attention_report.html",
     )
-    print(f"wrote {report} (open it in a browser: every picture with how to read it)")
+    for figure in result.figures:
+        width, height = figure.size
+        print(f"wrote {figure.path} ({len(figure.levels)} levels, {width}x{height} px)")
+        for level, by_role in figure.distance.items():
+            print(
+                f"  {level}: attention L1 to the teacher (spatial / channel): "
+                + "; ".join(
+                    f"{role} {v['spatial']:.3g} / {v['channel']:.3g}" for role, v in by_role.items()
+                )
+            )
+    print(f"wrote {result.path} (open it in a browser: every picture with how to read it)")
     return 0
 
 

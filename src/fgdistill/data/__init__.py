@@ -10,6 +10,7 @@ from fgdistill.data.coco import (
     read_annotations,
     segmentation_to_mask,
 )
+from fgdistill.data.images import read_image
 from fgdistill.data.loader import build_loader, detection_collate
 from fgdistill.data.synth import SynthConfig, SynthSummary, generate_synthetic
 from fgdistill.data.transforms import Compose, RandomHorizontalFlip, hflip
@@ -31,5 +32,6 @@ __all__ = [
     "generate_synthetic",
     "hflip",
     "read_annotations",
+    "read_image",
     "segmentation_to_mask",
 ]

@@ -14,9 +14,9 @@ from fgdistill.data.coco import (
     MIN_BOX_SIZE,
     Problem,
     degenerate_after_clipping,
-    load_image,
     read_annotations,
 )
+from fgdistill.data.images import read_image
 from fgdistill.errors import DataError
 
 __all__ = ["CategoryCount", "DatasetReport", "check_dataset"]
@@ -152,7 +152,7 @@ def check_dataset(
     elif check_images:
         for img in index.images:
             try:
-                load_image(root / img.file_name, expected_size=(img.width, img.height))
+                read_image(root / img.file_name, expected_size=(img.width, img.height))
             except DataError as exc:
                 report.problems.append(Problem("error", f"{exc} (images[{img.index}] id {img.id})"))
             report.images_checked += 1

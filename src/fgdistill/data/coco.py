@@ -29,12 +29,12 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fgdistill.data.images import read_image
 from fgdistill.errors import DataError
 
 __all__ = [
@@ -45,10 +45,8 @@ __all__ = [
     "Target",
     "decode_rle_counts",
     "degenerate_after_clipping",
-    "load_image",
     "read_annotations",
     "segmentation_to_mask",
-    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -364,30 +362,57 @@ def read_annotations(
     name = str(ann_file)
     out = _Problems(problems)
     data = _load_json(path, out)
-    if data is None:
+    if data is None or not _has_coco_lists(data, name, out):
         return None
+    categories = _read_categories(data["categories"], name, out)
+    if not data["categories"]:
+        out.error(f"{name}: 'categories' is empty")
+    images = _read_images(data["images"], name, out)
+    image_by_id = {img.id: img for img in images}
+    cat_ids = {cat["id"] for cat in categories}
+    anns_by_image, valid_anns = _read_annotation_list(
+        data["annotations"], name, image_by_id, cat_ids, out
+    )
+    if not categories:
+        return None
+    return CocoIndex(
+        path=path,
+        images=images,
+        categories=categories,
+        anns_by_image=anns_by_image,
+        data=_clean_data(data, set(image_by_id), valid_anns, categories),
+    )
+
+
+def _has_coco_lists(data: Any, name: str, out: _Problems) -> bool:
+    """Whether ``data`` is an object with the lists ``images``, ``annotations``, ``categories``."""
     if not isinstance(data, dict):
         out.error(f"{name}: top level must be a JSON object, got {type(data).__name__}")
-        return None
+        return False
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         out.error(f"{name}: missing top-level key(s) {', '.join(repr(k) for k in missing)}")
-        return None
+        return False
     for key in ("images", "annotations", "categories"):
         if not isinstance(data[key], list):
             out.error(f"{name}: '{key}' must be a list, got {type(data[key]).__name__}")
-            return None
+            return False
+    return True
 
-    def where(kind: str, i: int, entry: Any) -> str:
-        if isinstance(entry, dict) and "id" in entry:
-            return f"{name}: {kind}[{i}] (id {_short(entry['id'], 20)})"
-        return f"{name}: {kind}[{i}]"
 
-    # Categories.
+def _where(name: str, kind: str, i: int, entry: Any) -> str:
+    """``"file: kind[i] (id ...)"``, the place of an entry in messages."""
+    if isinstance(entry, dict) and "id" in entry:
+        return f"{name}: {kind}[{i}] (id {_short(entry['id'], 20)})"
+    return f"{name}: {kind}[{i}]"
+
+
+def _read_categories(entries: list[Any], name: str, out: _Problems) -> list[dict[str, Any]]:
+    """The valid ``categories`` entries (integer unique ``id``, string ``name``), in order."""
     categories: list[dict[str, Any]] = []
     cat_ids: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
-        loc = where("categories", i, cat)
+    for i, cat in enumerate(entries):
+        loc = _where(name, "categories", i, cat)
         if not isinstance(cat, dict):
             out.error(f"{loc}: must be an object, got {_short(cat)}")
             continue
@@ -405,14 +430,15 @@ def read_annotations(
             continue
         cat_ids.add(cat["id"])
         categories.append(cat)
-    if not data["categories"]:
-        out.error(f"{name}: 'categories' is empty")
+    return categories
 
-    # Images.
+
+def _read_images(entries: list[Any], name: str, out: _Problems) -> list[ImageRecord]:
+    """The valid ``images`` entries (unique id, file name, positive size), in order."""
     images: list[ImageRecord] = []
-    image_by_id: dict[int, ImageRecord] = {}
-    for i, img in enumerate(data["images"]):
-        loc = where("images", i, img)
+    ids: set[int] = set()
+    for i, img in enumerate(entries):
+        loc = _where(name, "images", i, img)
         if not isinstance(img, dict):
             out.error(f"{loc}: must be an object, got {_short(img)}")
             continue
@@ -423,7 +449,7 @@ def read_annotations(
         if not _is_int(img["id"]):
             out.error(f"{loc}: id must be an integer, got {_short(img['id'])}")
             continue
-        if img["id"] in image_by_id:
+        if img["id"] in ids:
             out.error(f"{loc}: duplicate image id {img['id']}")
             continue
         if not isinstance(img["file_name"], str) or not img["file_name"]:
@@ -436,109 +462,134 @@ def read_annotations(
             k = bad_size[0]
             out.error(f"{loc}: {k} must be a positive integer, got {_short(img[k])}")
             continue
-        record = ImageRecord(img["id"], img["file_name"], img["width"], img["height"], i)
-        images.append(record)
-        image_by_id[record.id] = record
+        images.append(ImageRecord(img["id"], img["file_name"], img["width"], img["height"], i))
+        ids.add(img["id"])
+    return images
 
-    # Annotations.
-    anns_by_image: dict[int, list[AnnRecord]] = {img.id: [] for img in images}
+
+def _read_annotation_list(
+    entries: list[Any],
+    name: str,
+    image_by_id: dict[int, ImageRecord],
+    cat_ids: set[int],
+    out: _Problems,
+) -> tuple[dict[int, list[AnnRecord]], list[dict[str, Any]]]:
+    """The valid annotations by image id, and their JSON entries (``area``, ``iscrowd`` filled).
+
+    Boxes reaching more than a pixel outside their image are one warning.
+    """
+    anns_by_image: dict[int, list[AnnRecord]] = {image_id: [] for image_id in image_by_id}
     valid_anns: list[dict[str, Any]] = []
     ann_ids: set[int] = set()
     outside: list[str] = []
-    for i, ann in enumerate(data["annotations"]):
-        loc = where("annotations", i, ann)
-        if not isinstance(ann, dict):
-            out.error(f"{loc}: must be an object, got {_short(ann)}")
-            continue
-        keys = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
-        if keys:
-            out.error(f"{loc}: missing key(s) {', '.join(repr(k) for k in keys)}")
-            continue
-        bad_int = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
-        if bad_int:
-            k = bad_int[0]
-            out.error(f"{loc}: {k} must be an integer, got {_short(ann[k])}")
-            continue
-        if ann["id"] in ann_ids:
-            out.error(f"{loc}: duplicate annotation id {ann['id']}")
-            continue
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            out.error(f"{loc}: bbox must be 4 finite numbers, got {_short(bbox)}")
-            continue
-        if bbox[2] < 0 or bbox[3] < 0:
-            out.error(f"{loc}: bbox has a negative size (width {bbox[2]}, height {bbox[3]})")
-            continue
-        image = image_by_id.get(ann["image_id"])
-        if image is None:
-            out.error(f"{loc}: image_id {ann['image_id']} is not in 'images'")
-            continue
-        if ann["category_id"] not in cat_ids:
-            out.error(f"{loc}: category_id {ann['category_id']} is not in 'categories'")
-            continue
-        iscrowd = ann.get("iscrowd", 0)
-        if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
-            out.error(f"{loc}: iscrowd must be 0 or 1, got {_short(iscrowd)}")
-            continue
-        area = ann.get("area", float(bbox[2]) * float(bbox[3]))
-        if not (_is_number(area) and area >= 0):
-            out.error(f"{loc}: area must be a finite non-negative number, got {_short(area)}")
-            continue
-        seg = ann.get("segmentation")
-        if seg is not None:
-            reason = _check_segmentation(seg, image)
-            if reason is not None:
-                out.error(f"{loc}: {reason}")
-                continue
-        x, y, w, h = (float(v) for v in bbox)
-        if x < -1 or y < -1 or x + w > image.width + 1 or y + h > image.height + 1:
-            outside.append(f"annotations[{i}] (id {ann['id']})")
-        ann_record = AnnRecord(
-            id=ann["id"],
-            image_id=ann["image_id"],
-            category_id=ann["category_id"],
-            bbox=(x, y, w, h),
-            area=float(area),
-            iscrowd=int(iscrowd),
-            segmentation=seg,
-            index=i,
+    for i, ann in enumerate(entries):
+        record = _read_annotation(
+            ann, i, _where(name, "annotations", i, ann), image_by_id, cat_ids, ann_ids, out
         )
-        ann_ids.add(ann_record.id)
-        anns_by_image[ann_record.image_id].append(ann_record)
+        if record is None:
+            continue
+        image = image_by_id[record.image_id]
+        x, y, w, h = record.bbox
+        if x < -1 or y < -1 or x + w > image.width + 1 or y + h > image.height + 1:
+            outside.append(f"annotations[{i}] (id {record.id})")
+        ann_ids.add(record.id)
+        anns_by_image[record.image_id].append(record)
         clean = dict(ann)
-        clean.setdefault("area", ann_record.area)
-        clean.setdefault("iscrowd", ann_record.iscrowd)
+        clean.setdefault("area", record.area)
+        clean.setdefault("iscrowd", record.iscrowd)
         valid_anns.append(clean)
     if outside:
         out.warning(
             f"{name}: {len(outside)} box(es) reach more than 1 px outside their image and will be "
             f"clipped: {', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}"
         )
+    return anns_by_image, valid_anns
 
-    valid_image_ids = set(image_by_id)
+
+def _read_annotation(
+    ann: Any,
+    i: int,
+    loc: str,
+    image_by_id: dict[int, ImageRecord],
+    cat_ids: set[int],
+    ann_ids: set[int],
+    out: _Problems,
+) -> AnnRecord | None:
+    """``annotations[i]`` as a record, or None (and an error) when it is not valid."""
+    if not isinstance(ann, dict):
+        out.error(f"{loc}: must be an object, got {_short(ann)}")
+        return None
+    keys = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+    if keys:
+        out.error(f"{loc}: missing key(s) {', '.join(repr(k) for k in keys)}")
+        return None
+    bad_int = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
+    if bad_int:
+        k = bad_int[0]
+        out.error(f"{loc}: {k} must be an integer, got {_short(ann[k])}")
+        return None
+    if ann["id"] in ann_ids:
+        out.error(f"{loc}: duplicate annotation id {ann['id']}")
+        return None
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        out.error(f"{loc}: bbox must be 4 finite numbers, got {_short(bbox)}")
+        return None
+    if bbox[2] < 0 or bbox[3] < 0:
+        out.error(f"{loc}: bbox has a negative size (width {bbox[2]}, height {bbox[3]})")
+        return None
+    image = image_by_id.get(ann["image_id"])
+    if image is None:
+        out.error(f"{loc}: image_id {ann['image_id']} is not in 'images'")
+        return None
+    if ann["category_id"] not in cat_ids:
+        out.error(f"{loc}: category_id {ann['category_id']} is not in 'categories'")
+        return None
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
+        out.error(f"{loc}: iscrowd must be 0 or 1, got {_short(iscrowd)}")
+        return None
+    area = ann.get("area", float(bbox[2]) * float(bbox[3]))
+    if not (_is_number(area) and area >= 0):
+        out.error(f"{loc}: area must be a finite non-negative number, got {_short(area)}")
+        return None
+    seg = ann.get("segmentation")
+    if seg is not None:
+        reason = _check_segmentation(seg, image)
+        if reason is not None:
+            out.error(f"{loc}: {reason}")
+            return None
+    x, y, w, h = (float(v) for v in bbox)
+    return AnnRecord(
+        id=ann["id"],
+        image_id=ann["image_id"],
+        category_id=ann["category_id"],
+        bbox=(x, y, w, h),
+        area=float(area),
+        iscrowd=int(iscrowd),
+        segmentation=seg,
+        index=i,
+    )
+
+
+def _clean_data(
+    data: dict[str, Any],
+    valid_image_ids: set[int],
+    valid_anns: list[dict[str, Any]],
+    categories: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``data`` with only the valid images (first entry per id), annotations and categories."""
     clean_data = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
-    clean_data["images"] = [
-        img for img in data["images"] if isinstance(img, dict) and img.get("id") in valid_image_ids
-    ]
-    # Keep only the first entry per valid id (duplicates were reported above).
     seen: set[int] = set()
     unique_images = []
-    for img in clean_data["images"]:
-        if img["id"] not in seen:
+    for img in data["images"]:
+        if isinstance(img, dict) and img.get("id") in valid_image_ids and img["id"] not in seen:
             seen.add(img["id"])
             unique_images.append(img)
     clean_data["images"] = unique_images
     clean_data["annotations"] = valid_anns
     clean_data["categories"] = categories
-    if not categories:
-        return None
-    return CocoIndex(
-        path=path,
-        images=images,
-        categories=categories,
-        anns_by_image=anns_by_image,
-        data=clean_data,
-    )
+    return clean_data
 
 
 def _read_or_raise(ann_file: str | Path) -> CocoIndex:
@@ -570,51 +621,6 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
         warnings.simplefilter("ignore", DeprecationWarning)
         mask = mask_utils.decode(rle)
     return np.ascontiguousarray(mask, dtype=np.uint8)
-
-
-#: PIL modes of grey images with more than 8 bits (16-bit and 32-bit integers, 32-bit floats)
-_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "F")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as an 8-bit RGB image, whatever its mode.
-
-    Grey images of more than 8 bits are stretched from their own minimum to maximum onto 0-255
-    (PIL's plain conversion would clip every value above 255 to white); a palette image with
-    transparency goes through RGBA; transparency is dropped. Training, prediction and the
-    attention pictures all read images through this function.
-    """
-    if img.mode in _WIDE_GREY:
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def load_image(path: Path, *, expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB; raise :class:`DataError` naming the file.
-
-    Args:
-        path: the image file.
-        expected_size: ``(width, height)`` from the annotations; a different size is an error.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: image does not decode ({exc})") from None
-    if expected_size is not None and rgb.size != expected_size:
-        raise DataError(
-            f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but the annotations say "
-            f"{expected_size[0]}x{expected_size[1]} (width x height)"
-        )
-    return rgb
 
 
 # --------------------------------------------------------------------------- dataset
@@ -741,9 +747,7 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
 
     def __getitem__(self, idx: int) -> tuple[Tensor, Target]:
         info = self._images[idx]
-        pil = load_image(self.image_dir / info.file_name, expected_size=(info.width, info.height))
-        array = np.asarray(pil, dtype=np.uint8)
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        image = read_image(self.image_dir / info.file_name, expected_size=(info.width, info.height))
         target = self.target(info)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -31,6 +31,7 @@ from typing import Any, Union
 import yaml
 
 from fgdistill.errors import ConfigError
+from fgdistill.io import atomic_write_text
 
 __all__ = [
     "DataConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "detector_kwargs",
     "dump_config",
     "from_mapping",
     "load_config",
@@ -75,6 +77,30 @@ class ModelConfig:
     head_norm: str | None = None
     anchor_sizes: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def detector_kwargs(model_cfg: ModelConfig, num_classes: int | None = None) -> dict[str, Any]:
+    """``build_detector`` keyword arguments (``arch`` included) of a :class:`ModelConfig`.
+
+    ``num_classes`` (background included) is used when the config leaves it ``None``.
+    """
+    kwargs: dict[str, Any] = {
+        "arch": model_cfg.arch,
+        "backbone": model_cfg.backbone,
+        "num_classes": model_cfg.num_classes or num_classes,
+        "fpn_channels": model_cfg.fpn_channels,
+        "min_size": model_cfg.min_size,
+        "max_size": model_cfg.max_size,
+        "weights": model_cfg.weights,
+        "weights_backbone": model_cfg.weights_backbone,
+        "trainable_layers": model_cfg.trainable_layers,
+        "frozen_bn": model_cfg.frozen_bn,
+        "head_norm": model_cfg.head_norm,
+    }
+    if model_cfg.anchor_sizes is not None:
+        kwargs["anchor_sizes"] = list(model_cfg.anchor_sizes)
+    kwargs.update(model_cfg.extra)
+    return kwargs
 
 
 @dataclass
@@ -134,8 +160,8 @@ class OptimConfig:
 class DistillConfig:
     """FGD distillation from a trained teacher.
 
-    ``preset`` names a family in :data:`fgdistill.losses.PRESETS` (``None``: derived from the
-    student's architecture). ``hparams`` overrides fields of the preset for every level
+    ``preset`` names a family in :data:`fgdistill.models.presets.PRESETS` (``None``: derived from
+    the student's architecture). ``hparams`` overrides fields of the preset for every level
     (``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_``); ``level_hparams`` overrides
     them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels`` defaults to the family's
     levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);
@@ -446,10 +472,5 @@ def load_config(
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML to ``path`` (its folder is created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)

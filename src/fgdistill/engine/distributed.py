@@ -25,7 +25,6 @@ from torch import nn
 __all__ = [
     "all_gather_object",
     "barrier",
-    "broadcast_object",
     "cleanup",
     "collective_device",
     "get_rank",
@@ -34,7 +33,6 @@ __all__ = [
     "is_distributed",
     "is_main",
     "reduce_mean",
-    "unwrap",
     "wrap_ddp",
 ]
 
@@ -117,15 +115,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Send ``obj`` from rank ``src`` to every rank; returns it everywhere."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """Wrap ``module`` in DistributedDataParallel when running distributed, else return it.
 
@@ -139,15 +128,6 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(module, DistributedDataParallel):
-        return module.module
-    return module
 
 
 def reduce_mean(values: dict[str, float]) -> dict[str, float]:

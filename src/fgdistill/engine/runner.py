@@ -1,7 +1,8 @@
-"""Runs built from a :class:`~fgdistill.engine.config.TrainConfig`: train, distil, evaluate.
+"""Training runs built from a :class:`~fgdistill.engine.config.TrainConfig`: train or distil.
 
 These functions wire the pieces together (datasets, detectors, the distiller, optimizer,
-hooks) and are what the command line calls. Everything here works in a single process and under
+hooks) and are what the command line calls; evaluation and prediction are in
+:mod:`fgdistill.engine.inference`. Everything here works in a single process and under
 ``torchrun``; only rank 0 writes files.
 
 A training work dir holds (see ``docs/outputs.md``)::
@@ -19,11 +20,9 @@ A training work dir holds (see ``docs/outputs.md``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,15 @@ import torch
 from torch import nn
 
 from fgdistill.engine import distributed as du
-from fgdistill.engine.checkpoint import (
-    build_from_spec,
-    find_model_spec,
-    load_checkpoint,
-    model_spec_from_config,
-    save_model_spec,
-    state_dict_of,
+from fgdistill.engine.checkpoint import save_checkpoint
+from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config
+from fgdistill.engine.inference import (
+    build_datasets,
+    check_same_categories,
+    dataset_categories,
+    evaluate_checkpoint,  # until the experiment code moves
+    evaluate_model,
 )
-from fgdistill.engine.config import ModelConfig, TrainConfig, dump_config
 from fgdistill.engine.trainer import (
     CheckpointHook,
     EvalHook,
@@ -52,17 +51,23 @@ from fgdistill.engine.trainer import (
     WarmupMultiStepSchedule,
     build_optimizer,
     epoch_seed,
-    move_batch,
     seed_everything,
 )
 from fgdistill.errors import CheckpointError, ConfigError
+from fgdistill.io import write_json
+from fgdistill.models import build_detector, load_state_dict_checked, model_spec
+from fgdistill.models.checkpoint import load_checkpoint, save_model_spec, state_dict_of
 
 __all__ = [
     "RunResult",
-    "build_model",
+    "TrainData",
+    "TrainModel",
+    "build_hooks",
+    "build_optimizer_and_schedule",
+    "build_train_loader",
+    "build_trainable",
     "evaluate_checkpoint",
-    "evaluate_model",
-    "load_categories",
+    "prepare_data",
     "train",
     "weights_name",
 ]
@@ -85,160 +90,150 @@ class RunResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Build a detector from a :class:`ModelConfig`; ``num_classes`` includes background."""
-    from fgdistill.models.build import build_detector
+@dataclass
+class TrainData:
+    """The datasets of a run and what is read off them."""
 
-    kwargs = model_spec_from_config(model_cfg)
-    kwargs["num_classes"] = model_cfg.num_classes or num_classes
-    kwargs["weights"] = model_cfg.weights
-    kwargs["weights_backbone"] = model_cfg.weights_backbone
-    arch = kwargs.pop("arch")
-    return build_detector(arch, **kwargs)
-
-
-def _datasets(cfg: TrainConfig, *, train: bool = True, val: bool = True) -> tuple[Any, Any]:
-    from fgdistill.data.coco import CocoDetection
-    from fgdistill.data.transforms import RandomHorizontalFlip
-
-    d = cfg.data
-    train_ds = val_ds = None
-    if train:
-        transforms = RandomHorizontalFlip(d.flip_prob) if d.flip_prob > 0 else None
-        train_ds = CocoDetection(
-            d.path("train_ann"),
-            d.path("train_images"),
-            masks=d.masks,
-            train=True,
-            filter_empty=d.filter_empty,
-            transforms=transforms,
-        )
-    if val:
-        val_ds = CocoDetection(d.path("val_ann"), d.path("val_images"), masks=d.masks, train=False)
-    return train_ds, val_ds
+    train: Any
+    val: Any
+    num_classes: int
+    """Classes including background, as ``build_detector`` counts them."""
+    categories: list[dict[str, Any]]
+    """The training set's COCO categories, ``[{"id", "name"}]`` in label order."""
 
 
-def _categories(dataset: Any) -> list[dict[str, Any]]:
-    cmap = dataset.category_map
-    return [
-        {"id": int(cmap.cat_id_of(label)), "name": cmap.name_of(label)}
-        for label in range(1, cmap.num_classes + 1)
-    ]
+@dataclass
+class TrainModel:
+    """The detector being trained and the module the optimizer steps.
 
-
-def check_same_categories(
-    expected: Sequence[Mapping[str, Any]],
-    expected_source: str,
-    got: Sequence[Mapping[str, Any]],
-    got_source: str,
-) -> None:
-    """Raise ConfigError unless two category lists (``[{"id", "name"}]``) are the same.
-
-    A detector's labels are positions in its training set's category list; scored against a
-    set whose list differs, label ``k`` would be counted as another category, silently.
+    ``trainable`` is ``student`` itself, or a :class:`~fgdistill.models.Distiller` around it
+    when distilling. ``spec`` is the student's build kwargs, without weights, as saved.
     """
-    a = [(int(c["id"]), str(c.get("name", c["id"]))) for c in expected]
-    b = [(int(c["id"]), str(c.get("name", c["id"]))) for c in got]
-    if a == b:
-        return
-    only_a = [f"{i} {n!r}" for i, n in a if (i, n) not in b]
-    only_b = [f"{i} {n!r}" for i, n in b if (i, n) not in a]
-    detail = "; ".join(
-        part
-        for part in (
-            f"only in {expected_source}: {', '.join(only_a)}" if only_a else "",
-            f"only in {got_source}: {', '.join(only_b)}" if only_b else "",
-        )
-        if part
-    )
-    raise ConfigError(
-        f"the categories of {got_source} differ from those of {expected_source} ({detail}); "
-        "labels would be scored as the wrong categories: use one category list for both"
-    )
+
+    student: nn.Module
+    trainable: nn.Module
+    spec: dict[str, Any]
+    distilling: bool
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's state dict (without the distiller's own modules)."""
+        if self.distilling:
+            return dict(self.trainable.student_state_dict())  # type: ignore[operator]
+        return dict(self.trainable.state_dict())
 
 
-def load_categories(checkpoint_path: str | Path, ckpt: Mapping[str, Any] | None = None) -> list:
-    """COCO categories (``[{"id", "name"}]``, in label order) stored with a checkpoint.
-
-    Looks inside the checkpoint, then for ``categories.json`` beside it. Returns ``[]`` when
-    neither exists (labels are then used as category ids).
-    """
-    if ckpt is not None and isinstance(ckpt.get("categories"), list):
-        return list(ckpt["categories"])
-    path = Path(checkpoint_path).parent / "categories.json"
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, list):
-            return data
-    return []
+def weights_name(cfg: TrainConfig) -> str:
+    """File name of a finished run's weights in its work dir: ``student.pt`` when distilling."""
+    return "student.pt" if cfg.distill is not None else "model.pt"
 
 
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module,
-    dataset: Any,
+def train(
+    cfg: TrainConfig,
     *,
-    batch_size: int = 2,
-    num_workers: int = 0,
-    device: torch.device | str = "cpu",
-    amp: bool = False,
+    resume: bool = False,
     progress: bool = True,
-    description: str = "eval",
-) -> dict[str, dict[str, float]]:
-    """COCO metrics of a detector on a dataset; distributed-aware (each rank takes a share).
+    extra_hooks: Sequence[HookBase] = (),
+) -> RunResult:
+    """Train a detector, or distil a student when ``cfg.distill`` is set.
 
-    Returns ``{"bbox": {"AP": ..., "AP50": ..., ...}}`` (plus ``"segm"`` for masks), the same on
-    every rank.
+    Writes the work dir described in this module's docstring. With ``resume=True`` and a
+    ``last.pt`` in the work dir, training continues from it (same final weights as an
+    uninterrupted run on CPU); without one it starts fresh.
+
+    The steps, each a function of its own as in detectron2's ``DefaultTrainer``:
+    :func:`prepare_data`, :func:`build_trainable`, :func:`build_optimizer_and_schedule`,
+    :func:`build_train_loader`, :func:`build_hooks`, then the :class:`Trainer` runs.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: for bad settings, data or checkpoints.
+        NonFiniteLossError: when a loss term becomes NaN/inf (names the term).
+        NonFiniteError: on the CPU, when the FGD loss meets NaN/inf features (names the level;
+            :class:`NonFiniteLossError` is a subclass: catch this one for both).
     """
-    from fgdistill.data.loader import build_loader
-    from fgdistill.evaluation import COCOEvaluator
+    device = du.init_from_env(cfg.device)
+    work_dir = Path(cfg.work_dir)
+    data = prepare_data(cfg)
+    if du.is_main():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, work_dir / "config.yaml")
+        write_json(work_dir / "categories.json", data.categories)
 
-    device = torch.device(device)
-    iou_types: tuple[str, ...] = ("bbox", "segm") if getattr(dataset, "masks", False) else ("bbox",)
-    evaluator = COCOEvaluator(dataset.coco, dataset.category_map, iou_types=iou_types)
-    evaluator.reset()
-    # Each rank takes every world_size-th image. Unlike DistributedSampler this never pads
-    # with repeated images, so the gathered detections hold each image exactly once.
-    part: Any = dataset
-    if du.is_distributed():
-        from torch.utils.data import Subset
+    seed_everything(cfg.seed)
+    built = build_trainable(cfg, data.num_classes)
+    built.trainable.to(device)
+    model = du.wrap_ddp(built.trainable, device)
+    total_batch = cfg.data.batch_size * du.get_world_size()
+    iters_per_epoch = math.ceil(len(data.train) / total_batch)
+    optimizer, schedule = build_optimizer_and_schedule(cfg, built.trainable, iters_per_epoch)
+    hooks, eval_hook = build_hooks(
+        cfg, built, data, schedule, device=device, progress=progress, extra_hooks=extra_hooks
+    )
+    trainer = Trainer(
+        model,
+        optimizer,
+        build_train_loader(cfg, data.train),
+        iters_per_epoch=iters_per_epoch,
+        epochs=cfg.optim.epochs,
+        max_iters=cfg.max_iters,
+        device=device,
+        grad_clip=cfg.optim.grad_clip,
+        amp=cfg.amp,
+        seed=cfg.seed,
+        hooks=hooks,
+    )
+    _start(trainer, cfg, built, resume=resume, device=device)
+    if trainer.finished:
+        logger.info("%s: already finished (%d iterations)", work_dir, trainer.iter)
+    trainer.train()
+    return _finish(cfg, built, trainer, eval_hook.results or {}, iters_per_epoch, total_batch)
 
-        part = Subset(dataset, range(du.get_rank(), len(dataset), du.get_world_size()))
-    loader = build_loader(part, batch_size=batch_size, train=False, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress and du.is_main():
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(loader), desc=description, unit="batch", leave=False)
-    use_amp = amp and device.type == "cuda"
-    try:
-        for batch in loader:
-            images, targets = move_batch(batch, device)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                outputs = model(images)
-            outputs = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
-            targets = [
-                {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-                for t in targets
-            ]
-            evaluator.process(targets, outputs)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    results = evaluator.evaluate()
-    return {task: {k: float(v) for k, v in vals.items()} for task, vals in results.items()}
+def prepare_data(cfg: TrainConfig) -> TrainData:
+    """Build the config's datasets, check them, and fill in ``num_classes`` where unset.
+
+    Raises:
+        ConfigError: the two sets' categories differ, or ``model.num_classes`` does not fit.
+    """
+    train_ds, val_ds = build_datasets(cfg)
+    categories = dataset_categories(train_ds)
+    check_same_categories(
+        categories,
+        str(cfg.data.path("train_ann")),
+        dataset_categories(val_ds),
+        str(cfg.data.path("val_ann")),
+    )
+    num_classes = train_ds.num_classes + 1
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = num_classes
+    elif cfg.model.num_classes != num_classes:
+        raise ConfigError(
+            f"model.num_classes: {cfg.model.num_classes} does not match the dataset "
+            f"({train_ds.num_classes} categories + background = {num_classes})"
+        )
+    if cfg.distill is not None and cfg.distill.teacher.num_classes is None:
+        cfg.distill.teacher.num_classes = num_classes
+    return TrainData(train_ds, val_ds, num_classes, categories)
+
+
+def build_trainable(cfg: TrainConfig, num_classes: int) -> TrainModel:
+    """The student detector, wrapped in a :class:`~fgdistill.models.Distiller` when distilling.
+
+    The teacher is read from ``cfg.distill.teacher_checkpoint``. Draws from torch's random
+    generator (initialisation): seed first.
+    """
+    student = build_detector(**detector_kwargs(cfg.model, num_classes))
+    spec = _spec_of(student, cfg)
+    if cfg.distill is None:
+        return TrainModel(student, student, spec, distilling=False)
+    return TrainModel(student, _build_distiller(cfg, student, num_classes), spec, distilling=True)
 
 
 def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
     """Per-level :class:`FGDHyperParams` from the preset and the config's overrides."""
     import dataclasses
 
-    from fgdistill.losses import PRESETS, FGDHyperParams
+    from fgdistill.losses import FGDHyperParams
+    from fgdistill.models.presets import PRESETS
 
     dc = cfg.distill
     assert dc is not None
@@ -274,26 +269,24 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
 
 
 def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> nn.Module:
-    from fgdistill.losses import DEFAULT_LEVELS
-    from fgdistill.models import Distiller, load_state_dict_checked
+    from fgdistill.models import Distiller
+    from fgdistill.models.presets import DEFAULT_LEVELS
 
     dc = cfg.distill
     assert dc is not None
     if not dc.teacher_checkpoint:
         raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
-    teacher = build_model(dc.teacher, num_classes)
-    ckpt = load_checkpoint(dc.teacher_checkpoint)
-    load_state_dict_checked(
-        teacher, state_dict_of(ckpt), source=str(dc.teacher_checkpoint), strict=True
-    )
+    teacher = build_detector(**detector_kwargs(dc.teacher, num_classes))
+    source = str(dc.teacher_checkpoint)
+    state = state_dict_of(load_checkpoint(dc.teacher_checkpoint), source=source)
+    load_state_dict_checked(teacher, state, source=source, strict=True)
     family = cfg.model.arch
     levels = list(dc.levels) if dc.levels else list(DEFAULT_LEVELS[family])
-    hparams = _fgd_hparams(cfg, levels, family)
     distiller: nn.Module = Distiller(
         student,
         teacher,
         levels=levels,
-        hparams=hparams,
+        hparams=_fgd_hparams(cfg, levels, family),
         inherit_teacher=dc.inherit_teacher,
         loss_type=dc.loss_type,
         split_regions=dc.split_regions,
@@ -302,80 +295,15 @@ def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> 
     return distiller
 
 
-def _student_state(trainable: nn.Module, distilling: bool) -> dict[str, torch.Tensor]:
-    if distilling:
-        return dict(trainable.student_state_dict())  # type: ignore[operator]
-    return dict(trainable.state_dict())
+def build_optimizer_and_schedule(
+    cfg: TrainConfig, trainable: nn.Module, iters_per_epoch: int
+) -> tuple[torch.optim.Optimizer, WarmupMultiStepSchedule]:
+    """The optimizer over ``trainable``'s parameters and its warm-up + step schedule.
 
-
-def weights_name(cfg: TrainConfig) -> str:
-    """File name of a finished run's weights in its work dir: ``student.pt`` when distilling."""
-    return "student.pt" if cfg.distill is not None else "model.pt"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def train(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    extra_hooks: Sequence[HookBase] = (),
-) -> RunResult:
-    """Train a detector, or distil a student when ``cfg.distill`` is set.
-
-    Writes the work dir described in this module's docstring. With ``resume=True`` and a
-    ``last.pt`` in the work dir, training continues from it (same final weights as an
-    uninterrupted run on CPU); without one it starts fresh.
-
-    Raises:
-        ConfigError, DataError, CheckpointError: for bad settings, data or checkpoints.
-        NonFiniteLossError: when a loss term becomes NaN/inf (names the term).
-        NonFiniteError: on the CPU, when the FGD loss meets NaN/inf features (names the level;
-            :class:`NonFiniteLossError` is a subclass: catch this one for both).
+    With ``optim.scale_lr`` the learning rate scales with the total batch (all processes).
     """
-    device = du.init_from_env(cfg.device)
-    world = du.get_world_size()
-    work_dir = Path(cfg.work_dir)
-    distilling = cfg.distill is not None
-
-    train_ds, val_ds = _datasets(cfg)
-    check_same_categories(
-        _categories(train_ds),
-        str(cfg.data.path("train_ann")),
-        _categories(val_ds),
-        str(cfg.data.path("val_ann")),
-    )
-    num_classes = train_ds.num_classes + 1
-    if cfg.model.num_classes is None:
-        cfg.model.num_classes = num_classes
-    elif cfg.model.num_classes != num_classes:
-        raise ConfigError(
-            f"model.num_classes: {cfg.model.num_classes} does not match the dataset "
-            f"({train_ds.num_classes} categories + background = {num_classes})"
-        )
-    if cfg.distill is not None and cfg.distill.teacher.num_classes is None:
-        cfg.distill.teacher.num_classes = num_classes
-    categories = _categories(train_ds)
-
-    if du.is_main():
-        work_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, work_dir / "config.yaml")
-        _write_json(work_dir / "categories.json", categories)
-
-    seed_everything(cfg.seed)
-    student = build_model(cfg.model, num_classes)
-    spec = _spec_of(student, cfg.model)
-    trainable: nn.Module = _build_distiller(cfg, student, num_classes) if distilling else student
-    trainable.to(device)
-    model = du.wrap_ddp(trainable, device)
-
     o = cfg.optim
-    total_batch = cfg.data.batch_size * world
+    total_batch = cfg.data.batch_size * du.get_world_size()
     lr = o.lr * total_batch / o.base_batch_size if o.scale_lr else o.lr
     optimizer = build_optimizer(
         trainable.parameters(),
@@ -384,13 +312,24 @@ def train(
         momentum=o.momentum,
         weight_decay=o.weight_decay,
     )
+    schedule = WarmupMultiStepSchedule(
+        optimizer,
+        milestones=[m * iters_per_epoch for m in o.milestones],
+        gamma=o.gamma,
+        warmup_iters=o.warmup_iters,
+        warmup_factor=o.warmup_factor,
+    )
+    return optimizer, schedule
 
+
+def build_train_loader(cfg: TrainConfig, dataset: Any) -> Callable[[int], Any]:
+    """``epoch -> DataLoader``: the epoch's shuffled loader, its order fixed by (seed, epoch)."""
     from fgdistill.data.loader import build_loader
 
     def loader_fn(epoch: int) -> Any:
         # Same seed on every rank: the distributed sampler needs one common permutation.
         loader = build_loader(
-            train_ds,
+            dataset,
             batch_size=cfg.data.batch_size,
             train=True,
             num_workers=cfg.data.num_workers,
@@ -401,33 +340,44 @@ def train(
             loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         return loader
 
-    iters_per_epoch = math.ceil(len(train_ds) / total_batch)
-    schedule = WarmupMultiStepSchedule(
-        optimizer,
-        milestones=[m * iters_per_epoch for m in o.milestones],
-        gamma=o.gamma,
-        warmup_iters=o.warmup_iters,
-        warmup_factor=o.warmup_factor,
-    )
+    return loader_fn
+
+
+def build_hooks(
+    cfg: TrainConfig,
+    built: TrainModel,
+    data: TrainData,
+    schedule: WarmupMultiStepSchedule,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    extra_hooks: Sequence[HookBase] = (),
+) -> tuple[list[HookBase], EvalHook]:
+    """The run's hooks, in calling order, and the evaluation hook among them.
+
+    Learning-rate schedule, FGD warm-up (distilling), evaluation on ``data.val``, checkpoints
+    (``last.pt``, ``best.pt``), logging, then ``extra_hooks``.
+    """
+    work_dir = Path(cfg.work_dir)
+    distilling = built.distilling
+    total_batch = cfg.data.batch_size * du.get_world_size()
 
     def state_fn() -> dict[str, Any]:
         state: dict[str, Any] = {
-            "model": _student_state(trainable, distilling),
-            "model_spec": spec,
+            "model": built.student_state(),
+            "model_spec": built.spec,
             "config": _plain_config(cfg),
-            "categories": categories,
+            "categories": data.categories,
             "scheduler": schedule.state_dict(),
         }
         if distilling:
-            state["trainable"] = trainable.state_dict()
+            state["trainable"] = built.trainable.state_dict()
         return state
-
-    detector = student
 
     def eval_fn() -> dict[str, dict[str, float]]:
         return evaluate_model(
-            detector,
-            val_ds,
+            built.student,
+            data.val,
             batch_size=cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers,
             device=device,
@@ -455,33 +405,26 @@ def train(
         on_result=log_hook.log_eval,
     )
     hooks: list[HookBase] = [lr_hook]
-    if distilling:
-        assert cfg.distill is not None
+    if cfg.distill is not None:
         hooks.append(
             FGDWarmupHook(
-                trainable,
+                built.trainable,
                 scale=cfg.distill.fgd_weight_scale,
                 warmup_iters=cfg.distill.fgd_warmup_iters,
             )
         )
     hooks += [eval_hook, ckpt_hook, log_hook, *extra_hooks]
+    return hooks, eval_hook
 
-    trainer = Trainer(
-        model,
-        optimizer,
-        loader_fn,
-        iters_per_epoch=iters_per_epoch,
-        epochs=o.epochs,
-        max_iters=cfg.max_iters,
-        device=device,
-        grad_clip=o.grad_clip,
-        amp=cfg.amp,
-        seed=cfg.seed,
-        hooks=hooks,
-    )
+
+def _start(
+    trainer: Trainer, cfg: TrainConfig, built: TrainModel, *, resume: bool, device: torch.device
+) -> None:
+    """Resume from ``last.pt`` when asked and there is one; else clear an earlier run's files."""
+    work_dir = Path(cfg.work_dir)
     last = work_dir / "last.pt"
     if resume and last.is_file():
-        _resume(trainer, trainable, last, distilling, device)
+        _resume(trainer, built, last, device)
         logger.info("resumed from %s at iteration %d", last, trainer.iter)
     else:
         if resume:
@@ -491,11 +434,17 @@ def train(
             _clear_earlier_run(work_dir, keep=_inputs_of(cfg))
     du.barrier()
 
-    if trainer.finished:
-        logger.info("%s: already finished (%d iterations)", work_dir, trainer.iter)
-    trainer.train()
 
-    metrics = eval_hook.results or {}
+def _finish(
+    cfg: TrainConfig,
+    built: TrainModel,
+    trainer: Trainer,
+    metrics: dict[str, dict[str, float]],
+    iters_per_epoch: int,
+    total_batch: int,
+) -> RunResult:
+    """Write the trained weights, ``model.yaml`` and ``metrics.json`` (rank 0); the result."""
+    work_dir = Path(cfg.work_dir)
     model_path = work_dir / weights_name(cfg)
     wall = trainer.elapsed
     images_per_s = trainer.iter * total_batch / wall if wall > 0 else 0.0
@@ -503,18 +452,16 @@ def train(
         "config": work_dir / "config.yaml",
         "log": work_dir / "log.jsonl",
         "tensorboard": work_dir / "tb",
-        "last": last,
+        "last": work_dir / "last.pt",
         "best": work_dir / "best.pt",
         "model": model_path,
         "model_spec": work_dir / "model.yaml",
         "metrics": work_dir / "metrics.json",
     }
     if du.is_main():
-        from fgdistill.engine.checkpoint import save_checkpoint
-
-        save_checkpoint(_student_state(trainable, distilling), model_path)
-        save_model_spec(spec, work_dir / "model.yaml")
-        _write_json(
+        save_checkpoint(built.student_state(), model_path)
+        save_model_spec(built.spec, work_dir / "model.yaml")
+        write_json(
             work_dir / "metrics.json",
             {
                 "metrics": metrics,
@@ -524,7 +471,7 @@ def train(
                 "epochs": trainer.iter / iters_per_epoch,
                 "wall_time_s": round(wall, 2),
                 "images_per_s": round(images_per_s, 2),
-                "world_size": world,
+                "world_size": du.get_world_size(),
                 "model": model_path.name,
             },
         )
@@ -581,12 +528,10 @@ def _clear_earlier_run(work_dir: Path, keep: Collection[Path] = ()) -> None:
         )
 
 
-def _spec_of(model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
-    from fgdistill.models.build import model_spec
-
+def _spec_of(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     spec = model_spec(model)
     if spec is None:
-        spec = model_spec_from_config(model_cfg)
+        spec = detector_kwargs(cfg.model)
     spec.pop("weights", None)
     spec.pop("weights_backbone", None)
     return _plain(spec)
@@ -606,213 +551,17 @@ def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
     return _plain(config_to_dict(cfg))
 
 
-def _resume(
-    trainer: Trainer,
-    trainable: nn.Module,
-    path: Path,
-    distilling: bool,
-    device: torch.device,
-) -> None:
-    from fgdistill.models.build import load_state_dict_checked
-
+def _resume(trainer: Trainer, built: TrainModel, path: Path, device: torch.device) -> None:
     ckpt = load_checkpoint(path)
-    if distilling:
+    if built.distilling:
         if "trainable" not in ckpt:
             raise CheckpointError(f"{path}: not a distillation checkpoint (no 'trainable' state)")
-        load_state_dict_checked(trainable, ckpt["trainable"], source=str(path), strict=True)
+        state = ckpt["trainable"]
     else:
-        load_state_dict_checked(trainable, state_dict_of(ckpt), source=str(path), strict=True)
+        state = state_dict_of(ckpt, source=str(path))
+    load_state_dict_checked(built.trainable, state, source=str(path), strict=True)
     for key in ("iter", "epoch", "epoch_iter", "optimizer", "rng"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a training checkpoint (no {key!r}); cannot resume")
     trainer.load_state_dict(ckpt)
-    trainable.to(device)
-
-
-def evaluate_checkpoint(
-    cfg: TrainConfig,
-    checkpoint: str | Path,
-    *,
-    progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Evaluate a checkpoint on the config's validation set; writes ``eval_metrics.json``.
-
-    The config it used goes to ``eval_config.yaml`` beside it.
-
-    The detector is rebuilt from the checkpoint's own spec (``model_spec`` inside it or
-    ``model.yaml`` / ``config.yaml`` beside it), falling back to ``cfg.model``.
-    """
-    from fgdistill.models.build import load_state_dict_checked
-
-    device = du.init_from_env(cfg.device)
-    _, val_ds = _datasets(cfg, train=False)
-    ckpt = load_checkpoint(checkpoint)
-    trained_on = load_categories(checkpoint, ckpt)
-    if trained_on:
-        check_same_categories(
-            trained_on,
-            f"{checkpoint} (its training set)",
-            _categories(val_ds),
-            str(cfg.data.path("val_ann")),
-        )
-    try:
-        spec = find_model_spec(checkpoint, ckpt)
-        model = build_from_spec(spec)
-    except CheckpointError:
-        model = build_model(cfg.model, val_ds.num_classes + 1)
-    load_state_dict_checked(model, state_dict_of(ckpt), source=str(checkpoint), strict=True)
-    model.to(device)
-    start = time.perf_counter()
-    metrics = evaluate_model(
-        model,
-        val_ds,
-        batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        device=device,
-        amp=cfg.amp,
-        progress=progress,
-    )
-    if du.is_main():
-        work_dir = Path(cfg.work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        # not config.yaml: by default this is the checkpoint's folder, whose config.yaml is the
-        # training run's own (and can repeat it)
-        dump_config(cfg, work_dir / "eval_config.yaml")
-        _write_json(
-            work_dir / "eval_metrics.json",
-            {
-                "checkpoint": str(checkpoint),
-                "annotations": str(cfg.data.path("val_ann")),
-                "metrics": metrics,
-                "wall_time_s": round(time.perf_counter() - start, 2),
-            },
-        )
-    return metrics
-
-
-@dataclass
-class PredictResult:
-    """What :func:`predict` wrote."""
-
-    results_file: Path
-    images_file: Path
-    drawings: list[Path]
-    num_detections: int
-
-
-def _read_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    from fgdistill.data.coco import to_rgb
-    from fgdistill.errors import DataError
-
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as img:
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image: {exc}") from None
-
-
-@torch.no_grad()
-def predict(
-    checkpoint: str | Path,
-    images: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    score_threshold: float = 0.3,
-    device: str = "auto",
-    progress: bool = True,
-) -> PredictResult:
-    """Run a trained detector on image files; write COCO results and drawn images.
-
-    Writes ``out_dir/results.json`` (COCO results format: ``image_id``, ``category_id``,
-    ``bbox`` as xywh, ``score``; every detection the model returns), ``out_dir/images.json``
-    (the COCO ``images`` entries: ids 1..N in the order given, file names, sizes) and one PNG per
-    image with the detections at or above ``score_threshold`` drawn (their masks too, for a
-    detector that predicts masks, such as Mask R-CNN).
-
-    Raises:
-        CheckpointError: missing, corrupt or unidentifiable checkpoint.
-        DataError: an image is missing or unreadable.
-    """
-    import numpy as np
-
-    from fgdistill.models.build import load_state_dict_checked
-    from fgdistill.viz.draw import draw_detections, unique_png_names
-
-    paths = [Path(p) for p in images]
-    pil_images = [_read_image(p) for p in paths]  # fail early, before loading the model
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    ckpt = load_checkpoint(checkpoint)
-    spec = find_model_spec(checkpoint, ckpt)
-    model = build_from_spec(spec)
-    load_state_dict_checked(model, state_dict_of(ckpt), source=str(checkpoint), strict=True)
-    model.to(dev).eval()
-    categories = load_categories(checkpoint, ckpt)
-    names = [c["name"] for c in categories] if categories else None
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    entries: list[dict[str, Any]] = []
-    drawings: list[Path] = []
-    drawing_names = unique_png_names([path.stem for path in paths])
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(paths), desc="predict", unit="img")
-    for image_id, (path, pil) in enumerate(zip(paths, pil_images, strict=True), start=1):
-        tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-        tensor = tensor.float().div_(255.0).to(dev)
-        output = {k: v.cpu() for k, v in model([tensor])[0].items()}
-        entries.append(
-            {"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height}
-        )
-        for box, label, score in zip(
-            output["boxes"].tolist(),
-            output["labels"].tolist(),
-            output["scores"].tolist(),
-            strict=True,
-        ):
-            cat_id = (
-                int(categories[label - 1]["id"])
-                if categories and 0 < label <= len(categories)
-                else int(label)
-            )
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": cat_id,
-                    "bbox": [
-                        round(v, 2) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])
-                    ],
-                    "score": round(float(score), 5),
-                }
-            )
-        name = drawing_names[image_id - 1]
-        drawn = draw_detections(
-            pil,
-            output["boxes"],
-            output["labels"],
-            output["scores"],
-            names=names,
-            score_threshold=score_threshold,
-            masks=output.get("masks"),
-        )
-        drawn.save(out / name)
-        drawings.append(out / name)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    results_file = out / "results.json"
-    _write_json(results_file, results)
-    images_file = out / "images.json"
-    _write_json(images_file, {"images": entries, "categories": categories})
-    return PredictResult(results_file, images_file, drawings, len(results))
+    built.trainable.to(device)

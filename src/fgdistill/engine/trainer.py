@@ -38,7 +38,8 @@ from fgdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteError
+from fgdistill.errors import CheckpointError, FgdistillError, NonFiniteLossError
+from fgdistill.io import atomic_write_text, read_jsonl
 
 __all__ = [
     "CheckpointHook",
@@ -47,7 +48,6 @@ __all__ = [
     "HookBase",
     "LRScheduleHook",
     "LoggerHook",
-    "NonFiniteLossError",
     "Trainer",
     "WarmupMultiStepSchedule",
     "build_optimizer",
@@ -57,10 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(NonFiniteError):
-    """A loss term became NaN or infinite; the run stops before the bad update is applied."""
 
 
 def seed_everything(seed: int) -> None:
@@ -756,14 +752,5 @@ def _truncate_log(path: Path, iteration: int) -> None:
     if iteration == 0:
         path.unlink()
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(record.get("iter", 0)) <= iteration:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    tmp.replace(path)
+    kept = [r for r in read_jsonl(path) if int(r.get("iter", 0)) <= iteration]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -8,18 +8,16 @@ from fgdistill.losses.imitation import FeatureImitationLoss
 from fgdistill.losses.masks import fgd_masks
 from fgdistill.losses.mgd import MGDLoss
 from fgdistill.losses.multilevel import (
-    DEFAULT_LEVELS,
     NORMALIZE_MODES,
-    PRESETS,
+    ONE_STAGE_HPARAMS,
     FGDHyperParams,
     MultiLevelFGD,
 )
 from fgdistill.losses.pkd import PKDLoss
 
 __all__ = [
-    "DEFAULT_LEVELS",
     "NORMALIZE_MODES",
-    "PRESETS",
+    "ONE_STAGE_HPARAMS",
     "CWDLoss",
     "FGDHyperParams",
     "FGDLoss",

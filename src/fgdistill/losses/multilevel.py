@@ -1,4 +1,4 @@
-"""One FGD loss per FPN level, with the hyperparameters of the paper's released configs."""
+"""One FGD loss per FPN level, each with its own :class:`FGDHyperParams`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fgdistill.errors import NonFiniteError
 from fgdistill.losses.fgd import FGDLoss
 from fgdistill.losses.imitation import FeatureImitationLoss
 
-__all__ = ["DEFAULT_LEVELS", "NORMALIZE_MODES", "PRESETS", "FGDHyperParams", "MultiLevelFGD"]
+__all__ = ["NORMALIZE_MODES", "ONE_STAGE_HPARAMS", "FGDHyperParams", "MultiLevelFGD"]
 
 
 @dataclass(frozen=True)
@@ -34,28 +34,9 @@ class FGDHyperParams:
                 raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-_ONE_STAGE = FGDHyperParams(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6)
-_TWO_STAGE = FGDHyperParams(temperature=0.5, alpha=5e-5, beta=2.5e-5, gamma=5e-5, lambda_=5e-7)
-_REPPOINTS = FGDHyperParams(temperature=0.5, alpha=1.6e-3, beta=8e-4, gamma=8e-4, lambda_=8e-6)
-_FCOS = FGDHyperParams(temperature=0.8, alpha=1.6e-3, beta=8e-4, gamma=8e-4, lambda_=8e-6)
-
-#: Settings of the authors' released configs, by detector family.
-PRESETS: dict[str, FGDHyperParams] = {
-    "retinanet": _ONE_STAGE,
-    "fcos": _FCOS,
-    "faster_rcnn": _TWO_STAGE,
-    "mask_rcnn": _TWO_STAGE,
-    "reppoints": _REPPOINTS,
-}
-
-#: FPN levels distilled by each family in the released configs.
-DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
-    "retinanet": ("p3", "p4", "p5", "p6", "p7"),
-    "fcos": ("p3", "p4", "p5", "p6", "p7"),
-    "reppoints": ("p3", "p4", "p5", "p6", "p7"),
-    "faster_rcnn": ("p2", "p3", "p4", "p5"),
-    "mask_rcnn": ("p2", "p3", "p4", "p5"),
-}
+#: The paper's one-stage setting, :class:`MultiLevelFGD`'s default. The settings per detector
+#: family are in :mod:`fgdistill.models.presets`.
+ONE_STAGE_HPARAMS = FGDHyperParams(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6)
 
 LOSS_TYPES: tuple[str, ...] = ("fgd", "mse")
 
@@ -86,7 +67,7 @@ class MultiLevelFGD(nn.Module):
         student_channels: student channels, one int for all levels or a mapping level -> int.
         teacher_channels: teacher channels, likewise.
         hparams: one :class:`FGDHyperParams` for all levels or a mapping level -> hparams
-            (default: the RetinaNet preset).
+            (default: :data:`ONE_STAGE_HPARAMS`).
         loss_type: ``"fgd"`` (:class:`FGDLoss`) or ``"mse"`` (:class:`FeatureImitationLoss`,
             weighted by each level's ``lambda_``), the baseline for ablations.
         normalize: ``"none"`` (the released code) or ``"teacher_rms"``: both maps of a level are
@@ -102,7 +83,7 @@ class MultiLevelFGD(nn.Module):
         levels: Sequence[str],
         student_channels: int | Mapping[str, int],
         teacher_channels: int | Mapping[str, int],
-        hparams: FGDHyperParams | Mapping[str, FGDHyperParams] = PRESETS["retinanet"],
+        hparams: FGDHyperParams | Mapping[str, FGDHyperParams] = ONE_STAGE_HPARAMS,
         *,
         loss_type: str = "fgd",
         normalize: str = "none",

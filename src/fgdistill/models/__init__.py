@@ -1,55 +1,33 @@
-"""fgdistill.models: detectors, FPN level names, and the distiller."""
+"""fgdistill.models: detectors, saved detectors, and the distiller.
+
+What users call is exported here; the rest is in the submodules (:mod:`~fgdistill.models.build`,
+:mod:`~fgdistill.models.checkpoint`, :mod:`~fgdistill.models.distiller`,
+:mod:`~fgdistill.models.levels`, :mod:`~fgdistill.models.presets`).
+"""
 
 from fgdistill.models.build import (
     ARCHS,
     BACKBONES,
     LoadReport,
-    build_backbone,
     build_detector,
-    load_checkpoint,
+    load_detector,
     load_state_dict_checked,
-    load_weights,
     model_spec,
 )
-from fgdistill.models.distiller import (
-    INHERIT_PREFIXES,
-    DistillBatch,
-    Distiller,
-    InheritReport,
-    detector_family,
-    inherit_weights,
-)
-from fgdistill.models.levels import (
-    LevelInfo,
-    backbone_levels,
-    feature_levels,
-    level_channels,
-    level_name,
-    level_strides,
-    rename_features,
-)
+from fgdistill.models.distiller import Distiller, InheritReport, inherit_weights
+from fgdistill.models.levels import LevelInfo, feature_levels
 
 __all__ = [
     "ARCHS",
     "BACKBONES",
-    "INHERIT_PREFIXES",
-    "DistillBatch",
     "Distiller",
     "InheritReport",
     "LevelInfo",
     "LoadReport",
-    "backbone_levels",
-    "build_backbone",
     "build_detector",
-    "detector_family",
     "feature_levels",
     "inherit_weights",
-    "level_channels",
-    "level_name",
-    "level_strides",
-    "load_checkpoint",
+    "load_detector",
     "load_state_dict_checked",
-    "load_weights",
     "model_spec",
-    "rename_features",
 ]

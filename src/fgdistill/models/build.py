@@ -4,7 +4,8 @@
 RepPoints (ours) on a ResNet, ResNeXt or MobileNetV3-Large FPN backbone with any FPN width. The
 returned model follows torchvision's detector contract and carries its build arguments in
 ``model.fgdistill_spec`` (see :func:`model_spec`), so ``build_detector(**model_spec(model))``
-rebuilds the same architecture for a checkpoint.
+rebuilds the same architecture for a checkpoint, and :func:`load_detector` rebuilds a saved
+detector with its weights.
 
 Weights are never downloaded unless a torchvision weights name is given explicitly; checkpoints
 are read with ``torch.load(..., weights_only=True)`` only.
@@ -15,9 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import pickle
 import urllib.error
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -44,6 +43,7 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 from fgdistill.errors import CheckpointError, ConfigError
+from fgdistill.models.checkpoint import find_model_spec, load_checkpoint, state_dict_of
 
 __all__ = [
     "ARCHS",
@@ -53,7 +53,7 @@ __all__ = [
     "build_backbone",
     "build_detector",
     "detector_options",
-    "load_checkpoint",
+    "load_detector",
     "load_state_dict_checked",
     "load_weights",
     "model_spec",
@@ -133,41 +133,6 @@ class LoadReport:
         return "; ".join(parts) if parts else "all keys match"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``path`` with ``torch.load(..., weights_only=True)``.
-
-    Accepts a plain state dict or a dict holding one under ``"model"`` (or ``"state_dict"``).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, not a weights-only checkpoint, or holds
-            no state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a weights-only checkpoint: {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt?): {exc}") from exc
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"checkpoint {path} holds no state dict (got {type(obj).__name__})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(
-            f"checkpoint {path} is not a state dict: entries {bad[:10]} are not named tensors"
-        )
-    return dict(obj)
-
-
 def load_state_dict_checked(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, strict: bool = True
 ) -> LoadReport:
@@ -233,7 +198,7 @@ def load_weights(spec: str | Path) -> tuple[dict[str, Tensor], str]:
     """State dict from a checkpoint path or a torchvision weights name, and a label for messages."""
     if isinstance(spec, str) and _is_weights_name(spec) and not Path(spec).exists():
         return _download_weights(spec), spec
-    return load_checkpoint(spec), str(spec)
+    return state_dict_of(load_checkpoint(spec), source=str(spec)), str(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,3 +557,65 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
     """
     spec = getattr(model, SPEC_ATTR, None)
     return dict(spec) if isinstance(spec, dict) else None
+
+
+def load_detector(
+    path: str | Path,
+    *,
+    map_location: str | torch.device = "cpu",
+    fallback_spec: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Rebuild a saved detector and load its weights; returned in eval mode.
+
+    Accepts a training checkpoint (``last.pt``, ``best.pt``; for a distillation run, the
+    student), or a plain state dict (``model.pt``, ``student.pt``) with ``model.yaml`` or
+    ``config.yaml`` beside it (see :func:`~fgdistill.models.checkpoint.find_model_spec`).
+
+    Args:
+        path: the checkpoint file.
+        map_location: where its tensors are loaded.
+        fallback_spec: ``build_detector`` keyword arguments used as they are when the
+            checkpoint carries no spec (inside it or beside it); without it that is an error.
+
+    Raises:
+        CheckpointError: naming the file, if it is missing or corrupt, the detector cannot be
+            identified, or the weights do not fit the rebuilt model.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    try:
+        kwargs = _stored_spec(find_model_spec(path, checkpoint))
+    except CheckpointError:
+        if fallback_spec is None:
+            raise
+        kwargs = dict(fallback_spec)
+    model = build_detector(**kwargs)
+    load_state_dict_checked(
+        model, state_dict_of(checkpoint, source=str(path)), source=str(path), strict=True
+    )
+    model.eval()
+    return model
+
+
+def _stored_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``build_detector`` kwargs of a stored spec, without pretrained weights.
+
+    The ``weights`` and ``weights_backbone`` entries are dropped, so nothing is loaded or
+    downloaded (the saved weights are loaded right after). An option the detector does not take
+    (recorded by an older version, which ignored it as torchvision does) is left out with a
+    warning: the model it describes was built without it.
+    """
+    kwargs = dict(spec)
+    arch = kwargs.get("arch")
+    if not arch:
+        raise CheckpointError("model spec has no 'arch'")
+    kwargs["weights"] = None
+    kwargs["weights_backbone"] = None
+    if arch in ARCHS:
+        known = set(inspect.signature(build_detector).parameters) | detector_options(arch)
+        ignored = sorted(set(kwargs) - known)
+        if ignored:
+            logger.warning("model spec: leaving out %s, which %s does not take", ignored, arch)
+            for key in ignored:
+                del kwargs[key]
+    return kwargs

@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 from fgdistill.errors import CompatibilityError, ConfigError
-from fgdistill.losses import DEFAULT_LEVELS, PRESETS, FGDHyperParams, MultiLevelFGD
+from fgdistill.losses import FGDHyperParams, MultiLevelFGD
 from fgdistill.models.build import SPEC_ATTR
 from fgdistill.models.levels import LevelInfo, backbone_levels
+from fgdistill.models.presets import DEFAULT_LEVELS, PRESETS
 
 __all__ = [
     "INHERIT_PREFIXES",
-    "INHERIT_REVISION",
     "DistillBatch",
     "Distiller",
     "InheritReport",
@@ -65,11 +65,6 @@ INHERIT_PREFIXES: tuple[str, ...] = (
     "roi_heads.",
     "moment_transfer",
 )
-
-#: Revision of what inheriting copies, per student architecture; 1 unless it changed. RepPoints
-#: is at 2 since its learned moment transfer is inherited too (2026-12-02). Results made under
-#: an older revision are not reused or pooled with newer ones (stage fingerprints hold it).
-INHERIT_REVISION: dict[str, int] = {"reppoints": 2}
 
 _LEVEL_RE = re.compile(r"p[1-9]\d*")
 

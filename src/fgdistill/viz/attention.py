@@ -30,10 +30,8 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from fgdistill.data.coco import to_rgb
 from fgdistill.errors import CompatibilityError, DataError
 from fgdistill.losses import attention as _attention
 from fgdistill.losses import masks as _masks
@@ -45,7 +43,6 @@ __all__ = [
     "AttentionFigure",
     "extract_features",
     "load_gt_boxes",
-    "load_image",
     "plot_attention",
 ]
 
@@ -68,29 +65,6 @@ ATTENTION_CAPTION = (
 
 # ----------------------------------------------------------------------------------------------
 # inputs
-
-
-def load_image(path: str | Path) -> Tensor:
-    """Read an image file as ``FloatTensor[3, H, W]`` in ``[0, 1]``, whatever its mode.
-
-    Grey-scale (``L``, 16-bit ``I;16``, 32-bit ``I`` / ``F``), palette, RGBA and CMYK images are
-    converted to RGB; transparency is dropped (as training does). Odd sizes are kept: the
-    detector's transform pads them.
-
-    Raises:
-        DataError: the file is missing or is not an image PIL can read.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"image {p} not found")
-    try:
-        with Image.open(p) as opened:
-            opened.load()
-            rgb = to_rgb(opened)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {p}: {exc}") from None
-    array = np.asarray(rgb, dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
 
 
 @dataclass

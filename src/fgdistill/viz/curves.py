@@ -12,7 +12,6 @@ the log tells (see :func:`_iters_per_epoch`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from fgdistill.errors import DataError
+from fgdistill.io import read_jsonl
 
 __all__ = ["CURVES_CAPTION", "CurvesFigure", "RunLog", "plot_curves", "read_log"]
 
@@ -115,19 +115,7 @@ def read_log(work_dir: str | Path) -> RunLog:
         )
         raise DataError(f"no training log in {root}: {path} is missing{hint}")
     run = RunLog(work_dir=root, name=root.resolve().name or str(root))
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                logger.warning("%s: skipping truncated last line %d", path, number)
-                continue
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object")
+    for record in read_jsonl(path):
         kind = record.get("type")
         if kind == "train":
             run.train.append(record)
@@ -288,127 +276,26 @@ def plot_curves(
         DataError: no work dir given, a work dir or its log is missing or unreadable, or
             ``labels`` has the wrong length.
     """
-    if not work_dirs:
-        raise DataError("plot_curves needs at least one work dir")
-    runs = [read_log(d) for d in work_dirs]
-    if labels is not None:
-        if len(labels) != len(runs):
-            raise DataError(f"got {len(labels)} labels for {len(runs)} work dirs")
-        for run, label in zip(runs, labels, strict=True):
-            run.name = str(label)
-    else:
-        _unique_names(runs)
-
+    runs = _read_runs(work_dirs, labels)
     per_epoch = [_iters_per_epoch(r) for r in runs]
     losses = [_loss_series(r.train) for r in runs]
     aps = [_ap_series(r.eval) for r in runs]
-    loss_names: list[str] = []
-    for series in losses:
-        loss_names.extend(k for k in series if k not in loss_names)
-    if not any(k.startswith("fgd/") for k in loss_names) and DETECTION in loss_names:
-        loss_names.remove(DETECTION)  # without FGD terms it is the total loss again
-    order = {TOTAL: 0, DETECTION: 1}
-    loss_names.sort(key=lambda k: (order.get(k, 2), k.startswith("fgd/"), k))
-    tasks: list[str] = []
-    for ap_series in aps:
-        tasks.extend(t for t in ap_series if t not in tasks)
-    if not tasks:
-        tasks = ["bbox"]  # an empty AP panel that says there were no evaluations
+    loss_names = _loss_panels(losses)
+    tasks = _ap_tasks(aps)
 
     # AP first (the result), then the losses.
     titles = [_TASK_TITLES.get(t, f"{t} AP (%)") for t in tasks] + loss_names
     n = len(titles)
-    ncols = min(4, n) if n <= 8 else 5
-    nrows = math.ceil(n / ncols)
-    panel_w, panel_h = 4.2, 3.2
-    width_in, height_in = panel_w * ncols, panel_h * nrows + 0.5
-    fig, axes_grid = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(width_in, height_in),
-        dpi=dpi,
-        squeeze=False,
-        gridspec_kw={  # a fixed grid: the same pixel size every time, and fast
-            "left": 0.55 / width_in,
-            "right": 1 - 0.15 / width_in,
-            "top": 1 - 0.75 / height_in,
-            "bottom": 0.5 / height_in,
-            "wspace": 0.25,
-            "hspace": 0.5,
-        },
-    )
-    all_axes: list[Axes] = list(axes_grid.ravel())
+    fig, all_axes = _panel_grid(n, dpi)
     ap_axes, loss_axes = all_axes[: len(tasks)], all_axes[len(tasks) : n]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xlabel = "epoch" if all(p is not None for p in per_epoch) else "iteration"
     per_epoch_used = per_epoch if xlabel == "epoch" else [None] * len(runs)
 
     drawn: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for ax, name in zip(loss_axes, loss_names, strict=True):
-        positive = True
-        spread: list[float] = []
-        for r, (run, series) in enumerate(zip(runs, losses, strict=True)):
-            if name not in series:
-                continue
-            its, ys = series[name]
-            x = _to_x(its, per_epoch_used[r])
-            drawn.setdefault(run.name, {})[name] = (x, ys)
-            colour = colours[r % len(colours)]
-            if len(ys) >= 10:
-                ax.plot(x, ys, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(x, _running_mean(ys), color=colour, linewidth=1.6, label=run.name)
-            else:
-                ax.plot(x, ys, color=colour, linewidth=1.6, marker="o", ms=3, label=run.name)
-            positive = positive and bool(np.all(ys > 0))
-            spread.extend([float(ys.min()), float(ys.max())])
-        if positive and spread and max(spread) / min(spread) > 50:
-            ax.set_yscale("log")
-            name_shown = f"{_loss_title(name)} (log scale)"
-        else:
-            name_shown = _loss_title(name)
-        ax.set_title(name_shown, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-
+        _draw_loss(ax, name, runs, losses, per_epoch_used, xlabel, drawn)
     for ax, task in zip(ap_axes, tasks, strict=True):
-        drew = False
-        for r, (run, run_aps) in enumerate(zip(runs, aps, strict=True)):
-            colour = colours[r % len(colours)]
-            for metric, style in (("AP", "-"), ("AP50", "--")):
-                if metric not in run_aps.get(task, {}):
-                    continue
-                its, ys = run_aps[task][metric]
-                x = _to_x(its, per_epoch_used[r])
-                drawn.setdefault(run.name, {})[f"{task}/{metric}"] = (x, ys)
-                ax.plot(
-                    x,
-                    ys,
-                    style,
-                    color=colour,
-                    marker="o",
-                    ms=3,
-                    linewidth=1.6,
-                    label=run.name if metric == "AP" else None,
-                )
-                drew = True
-        if not drew:
-            ax.text(
-                0.5,
-                0.5,
-                "no evaluation records",
-                ha="center",
-                va="center",
-                color="grey",
-                transform=ax.transAxes,
-            )
-        ax.set_title(
-            _TASK_TITLES.get(task, f"{task} AP (%)") + ": AP solid, AP50 dashed", fontsize=10
-        )
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        if drew:
-            ax.legend(fontsize=7)
-
+        _draw_ap(ax, task, runs, aps, per_epoch_used, xlabel, drawn)
     for ax in all_axes[n:]:
         ax.set_axis_off()
     if loss_axes:
@@ -431,3 +318,152 @@ def plot_curves(
         data=drawn,
         xlabel=xlabel,
     )
+
+
+def _read_runs(work_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[RunLog]:
+    """Each work dir's log, named by ``labels`` or by unique directory names."""
+    if not work_dirs:
+        raise DataError("plot_curves needs at least one work dir")
+    runs = [read_log(d) for d in work_dirs]
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise DataError(f"got {len(labels)} labels for {len(runs)} work dirs")
+        for run, label in zip(runs, labels, strict=True):
+            run.name = str(label)
+    else:
+        _unique_names(runs)
+    return runs
+
+
+def _loss_panels(losses: Sequence[dict[str, Any]]) -> list[str]:
+    """The loss terms to draw, one panel each: total, detection (with FGD), then the rest."""
+    loss_names: list[str] = []
+    for series in losses:
+        loss_names.extend(k for k in series if k not in loss_names)
+    if not any(k.startswith("fgd/") for k in loss_names) and DETECTION in loss_names:
+        loss_names.remove(DETECTION)  # without FGD terms it is the total loss again
+    order = {TOTAL: 0, DETECTION: 1}
+    loss_names.sort(key=lambda k: (order.get(k, 2), k.startswith("fgd/"), k))
+    return loss_names
+
+
+def _ap_tasks(aps: Sequence[dict[str, Any]]) -> list[str]:
+    """The evaluated tasks (``bbox``, ``segm``), one AP panel each; ``bbox`` when none."""
+    tasks: list[str] = []
+    for ap_series in aps:
+        tasks.extend(t for t in ap_series if t not in tasks)
+    return tasks or ["bbox"]  # an empty AP panel that says there were no evaluations
+
+
+def _panel_grid(n: int, dpi: int) -> tuple[Any, list[Axes]]:
+    """A figure with a fixed grid of at least ``n`` panels of 4.2 x 3.2 inches, and its axes."""
+    ncols = min(4, n) if n <= 8 else 5
+    nrows = math.ceil(n / ncols)
+    panel_w, panel_h = 4.2, 3.2
+    width_in, height_in = panel_w * ncols, panel_h * nrows + 0.5
+    fig, axes_grid = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(width_in, height_in),
+        dpi=dpi,
+        squeeze=False,
+        gridspec_kw={  # a fixed grid: the same pixel size every time, and fast
+            "left": 0.55 / width_in,
+            "right": 1 - 0.15 / width_in,
+            "top": 1 - 0.75 / height_in,
+            "bottom": 0.5 / height_in,
+            "wspace": 0.25,
+            "hspace": 0.5,
+        },
+    )
+    return fig, list(axes_grid.ravel())
+
+
+def _colour(r: int) -> Any:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return colours[r % len(colours)]
+
+
+def _draw_loss(
+    ax: Axes,
+    name: str,
+    runs: Sequence[RunLog],
+    losses: Sequence[dict[str, Any]],
+    per_epoch: Sequence[float | None],
+    xlabel: str,
+    drawn: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    """One loss term of every run in one panel (raw and running mean); log scale if it spans
+    more than a factor 50. What is drawn goes into ``drawn[run][name]``."""
+    positive = True
+    spread: list[float] = []
+    for r, (run, series) in enumerate(zip(runs, losses, strict=True)):
+        if name not in series:
+            continue
+        its, ys = series[name]
+        x = _to_x(its, per_epoch[r])
+        drawn.setdefault(run.name, {})[name] = (x, ys)
+        colour = _colour(r)
+        if len(ys) >= 10:
+            ax.plot(x, ys, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(x, _running_mean(ys), color=colour, linewidth=1.6, label=run.name)
+        else:
+            ax.plot(x, ys, color=colour, linewidth=1.6, marker="o", ms=3, label=run.name)
+        positive = positive and bool(np.all(ys > 0))
+        spread.extend([float(ys.min()), float(ys.max())])
+    if positive and spread and max(spread) / min(spread) > 50:
+        ax.set_yscale("log")
+        name_shown = f"{_loss_title(name)} (log scale)"
+    else:
+        name_shown = _loss_title(name)
+    ax.set_title(name_shown, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def _draw_ap(
+    ax: Axes,
+    task: str,
+    runs: Sequence[RunLog],
+    aps: Sequence[dict[str, Any]],
+    per_epoch: Sequence[float | None],
+    xlabel: str,
+    drawn: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    """AP (solid) and AP50 (dashed) of one task for every run in one panel; a note when no run
+    was evaluated. What is drawn goes into ``drawn[run]["task/metric"]``."""
+    drew = False
+    for r, (run, run_aps) in enumerate(zip(runs, aps, strict=True)):
+        colour = _colour(r)
+        for metric, style in (("AP", "-"), ("AP50", "--")):
+            if metric not in run_aps.get(task, {}):
+                continue
+            its, ys = run_aps[task][metric]
+            x = _to_x(its, per_epoch[r])
+            drawn.setdefault(run.name, {})[f"{task}/{metric}"] = (x, ys)
+            ax.plot(
+                x,
+                ys,
+                style,
+                color=colour,
+                marker="o",
+                ms=3,
+                linewidth=1.6,
+                label=run.name if metric == "AP" else None,
+            )
+            drew = True
+    if not drew:
+        ax.text(
+            0.5,
+            0.5,
+            "no evaluation records",
+            ha="center",
+            va="center",
+            color="grey",
+            transform=ax.transAxes,
+        )
+    ax.set_title(_TASK_TITLES.get(task, f"{task} AP (%)") + ": AP solid, AP50 dashed", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(fontsize=7)

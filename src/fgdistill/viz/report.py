@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from fgdistill.errors import DataError
+from fgdistill.io import atomic_write_text
 
 __all__ = ["Figure", "Rows", "Table", "default_caption", "write_report"]
 
@@ -190,9 +191,7 @@ def write_report(
     parts.append(f"<footer>Written by fgdistill on {stamp}.</footer>")
     parts.append("</main></body></html>")
 
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(parts) + "\n")
     logger.debug("wrote report %s", out)
     return out
 

@@ -1,4 +1,4 @@
-"""``predict`` draws Mask R-CNN's masks as well as its boxes."""
+"""Inference: category checks, and ``predict`` drawing Mask R-CNN's masks as well as its boxes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from PIL import Image
 
 import fgdistill.viz.draw as draw
 from fgdistill.engine.checkpoint import save_checkpoint
-from fgdistill.engine.runner import predict
+from fgdistill.engine.inference import check_same_categories, predict
+from fgdistill.errors import ConfigError
 from fgdistill.models.build import build_detector, model_spec
 
 
@@ -44,3 +45,18 @@ def test_predict_passes_mask_rcnn_masks_to_the_drawing(
     assert masks.shape[0] == result.num_detections > 0
     assert tuple(masks.shape[-2:]) == (64, 80)
     assert Image.open(result.drawings[0]).size == (80, 64)
+
+
+def test_category_lists_must_agree() -> None:
+    train = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
+    check_same_categories(train, "train.json", [dict(c) for c in train], "val.json")
+    # without dog, bird would be label 2 in val but 3 in the model
+    with pytest.raises(ConfigError) as err:
+        check_same_categories(train, "train.json", [train[0], train[2]], "val.json")
+    message = str(err.value)
+    assert "categories of val.json differ from those of train.json" in message
+    assert "only in train.json: 2 'dog'" in message and "only in val.json" not in message
+    renamed = [train[0], train[1], {"id": 3, "name": "crow"}]
+    both = r"only in train.json: 3 'bird'; only in v.json: 3 'crow'"
+    with pytest.raises(ConfigError, match=both):
+        check_same_categories(train, "train.json", renamed, "v.json")
