@@ -57,7 +57,7 @@ def _table(data: Mapping[str, Any]) -> list[dict[str, object]]:
 def write_report(plan: BenchPlan, data: Mapping[str, Any], work: Path) -> Path | None:
     """Draw ``work/report.html`` from a finished benchmark; ``None`` when nothing distilled
     finished beside its baseline."""
-    from fgdistill.engine.checkpoint import load_detector
+    from fgdistill.models import load_detector
     from fgdistill.viz.bench_report import write_bench_report
 
     picked = _pictured(plan, data)

@@ -269,7 +269,8 @@ def _train(stage: Stage, *, train_fn: Callable[..., Any], progress: bool, say: S
 
 def _score(cfg: TrainConfig, data: Path, *, progress: bool) -> dict[str, float]:
     """Box metrics of a finished stage's model on the set in ``data``."""
-    from fgdistill.engine.runner import evaluate_checkpoint, weights_name
+    from fgdistill.engine.inference import evaluate_checkpoint
+    from fgdistill.engine.runner import weights_name
 
     eval_cfg = copy.deepcopy(cfg)
     point_at_data(eval_cfg, data)

@@ -31,12 +31,10 @@ import numpy as np
 import torch
 
 from fgdistill.io import atomic_write
-from fgdistill.models.build import load_detector  # until the experiment code imports it there
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "capture_rng_state",
-    "load_detector",
     "restore_rng_state",
     "save_checkpoint",
 ]

@@ -37,7 +37,6 @@ from fgdistill.engine.inference import (
     build_datasets,
     check_same_categories,
     dataset_categories,
-    evaluate_checkpoint,  # until the experiment code moves
     evaluate_model,
 )
 from fgdistill.engine.trainer import (
@@ -66,7 +65,6 @@ __all__ = [
     "build_optimizer_and_schedule",
     "build_train_loader",
     "build_trainable",
-    "evaluate_checkpoint",
     "prepare_data",
     "train",
     "weights_name",

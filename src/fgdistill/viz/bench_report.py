@@ -51,7 +51,8 @@ def write_bench_report(
     Returns:
         The path of ``report.html``.
     """
-    from fgdistill.viz.attention import extract_features, load_gt_boxes, load_image, plot_attention
+    from fgdistill.data.images import read_image
+    from fgdistill.viz.attention import extract_features, load_gt_boxes, plot_attention
     from fgdistill.viz.curves import plot_curves
 
     work = Path(work_dir)
@@ -65,7 +66,7 @@ def write_bench_report(
     names = [str(img["file_name"]) for img in images]
     gt = load_gt_boxes(ann, names)
     for name in names:
-        image = load_image(Path(data_dir) / "val" / name)
+        image = read_image(Path(data_dir) / "val" / name)
         feats = extract_features(student, teacher, image, boxes=gt.get(name), baseline=baseline)
         out = work / f"attention_{Path(name).stem}.png"
         plot_attention(
