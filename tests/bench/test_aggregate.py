@@ -17,7 +17,7 @@ families: {retinanet: {}}
 rows:
   - {name: base, description: alone}
   - {name: fgd, distill: {}}
-  - {name: imit, distill: {loss_type: mse}}
+  - {name: imit, distill: {method: mse}}
   - {name: big_batch, distill: {}, train: {data: {batch_size: 16}}}
   - {name: base_long, train: {optim: {epochs: 4}}}
   - {name: fgd_long, baseline: base_long, distill: {}, train: {optim: {epochs: 4}}}

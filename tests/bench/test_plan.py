@@ -48,7 +48,7 @@ def test_packaged_table_has_the_ablation_rows_for_each_family() -> None:
         # one budget and one baseline per family's table
         assert len({rows[n].config.optim.epochs for n in names}) == 1, family
         assert {rows[n].baseline for n in names[1:]} == {names[0]} and base.distill is None
-        assert imitation.distill and imitation.distill.loss_type == "mse"
+        assert imitation.distill and imitation.distill.method == "mse"
         assert not imitation.distill.inherit_teacher
         assert fg.distill and fg.distill.hparams["beta"] == 0
         assert bg.distill and bg.distill.hparams["alpha"] == 0
@@ -149,3 +149,24 @@ def test_overrides_and_row_names_are_checked() -> None:
         load_plan(QUALITY, rows=["fdg"])
     plan = load_plan(QUALITY, ["common.optim.lr=0.02"], rows=["baseline"])
     assert plan.rows[0].config.optim.lr == 0.02
+
+
+def test_a_family_may_share_another_familys_teacher(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "families:\n"
+        "  a: {teacher: {model: {backbone: resnet50}}}\n"
+        "  b: {teacher: a, student: {model: {arch: fcos}}}\n"
+        "rows: [{name: x, family: b}, {name: y, family: b, distill: {method: pkd}}]\n"
+    )
+    plan = load_plan(cfg)
+    assert plan.teacher_family("b") == "a" and plan.teacher_family("a") == "a"
+    assert plan.teachers["b"] is plan.teachers["a"]
+    assert plan.row("y").baseline == "x" and plan.row("y").config.model.arch == "fcos"
+    everything = load_plan(QUALITY)
+    assert everything.teacher_family("reppoints_to_retinanet") == "reppoints"
+    cfg.write_text("families:\n  b: {teacher: a}\nrows: [{name: x}]\n")
+    with pytest.raises(
+        ConfigError, match=r"families\.b\.teacher: 'a' is not a family with a teacher"
+    ):
+        load_plan(cfg)

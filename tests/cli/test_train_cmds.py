@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -345,3 +346,57 @@ def test_resume_matches_uninterrupted_run(
         if json.loads(x)["type"] == "train"
     ]
     assert iters == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams"),
+    [("pkd", {"loss_weight": 2.0}), ("cwd", {"tau": 2.0}), ("mgd", {}), ("mse", {})],
+)
+def test_distill_runs_every_method_end_to_end(
+    trained: Path, synth_dataset: Path, tmp_path: Path, method: str, hparams: dict
+) -> None:
+    cfg = write_config(
+        tmp_path / f"{method}.yaml",
+        synth_dataset,
+        distill={
+            "teacher": dict(TINY["model"], backbone="resnet18"),
+            "teacher_checkpoint": str(trained / "model.pt"),
+            "method": method,
+            "hparams": hparams,
+            "inherit_teacher": True,
+        },
+    )
+    out = tmp_path / method
+    args = ["distill", str(cfg), "--work-dir", str(out), "--no-progress"]
+    assert main([*args, "--set", "optim.epochs=1"]) == 0
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    terms = {k for k in records[0]["losses"] if k.startswith("fgd/")}
+    levels = ["p3", "p4", "p5", "p6"] if method == "pkd" else ["p3", "p4", "p5", "p6", "p7"]
+    assert terms == {f"fgd/{lv}/{method}" for lv in levels}  # the preset's levels
+    assert all(math.isfinite(v) for v in records[0]["losses"].values())
+    # the method's own modules (MGD's generation block) train but are not in the student
+    sd = torch.load(out / "student.pt", weights_only=True)
+    assert set(sd) == set(load_detector(out / "student.pt").state_dict())
+    trainable = load_checkpoint(out / "last.pt")["trainable"]
+    assert any(".generation." in k for k in trainable) == (method == "mgd")
+
+
+def test_a_misspelt_method_key_is_named(
+    trained: Path, synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(
+        tmp_path / "pkd.yaml",
+        synth_dataset,
+        distill={
+            "teacher": dict(TINY["model"], backbone="resnet18"),
+            "teacher_checkpoint": str(trained / "model.pt"),
+            "method": "pkd",
+            "hparams": {"loss_wieght": 2.0},
+        },
+    )
+    assert main(["distill", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.hparams: unknown key 'loss_wieght' for method 'pkd'" in err
+    assert "did you mean 'loss_weight'?" in err
+    assert main(["distill", str(cfg), "--set", "distill.method=kd"]) == 2
+    assert "distill.method" in capsys.readouterr().err

@@ -144,6 +144,9 @@ def test_packaged_configs_are_valid() -> None:
         data = yaml.safe_load(path.read_text())
         assert "model" in data, path
         if "coco" in path.parts:
-            # The paper's schedule and clipping in every COCO config.
-            assert cfg.optim.epochs == 24 and cfg.optim.milestones == [16, 22], path
+            # The paper's 2x schedule and clipping in every COCO config, but for the 1x
+            # schedules of the published CWD and heterogeneous PKD configs.
+            schedule = (cfg.optim.epochs, cfg.optim.milestones)
+            one_x = path.stem in ("cwd_retinanet_r101_r50", "pkd_fcos_x101_retinanet_r50")
+            assert schedule == ((12, [8, 11]) if one_x else (24, [16, 22])), path
             assert cfg.optim.grad_clip == 35.0 and cfg.optim.base_batch_size == 16, path

@@ -6,11 +6,15 @@ import torch
 from fgdistill.errors import NonFiniteError
 from fgdistill.losses import (
     ONE_STAGE_HPARAMS,
+    CWDLoss,
     FeatureImitationLoss,
     FGDHyperParams,
     FGDLoss,
+    MGDLoss,
     MultiLevelFGD,
+    PKDLoss,
 )
+from fgdistill.losses.multilevel import METHODS, CWDHyperParams, MGDHyperParams, PKDHyperParams
 
 LEVELS = ("p3", "p4")
 SIZES = {"p3": (6, 8), "p4": (3, 4)}
@@ -77,7 +81,7 @@ def test_per_level_channels_and_hparams_and_backward() -> None:
 
 
 def test_mse_baseline() -> None:
-    ml = MultiLevelFGD(LEVELS, 8, 8, TWO_STAGE, loss_type="mse")
+    ml = MultiLevelFGD(LEVELS, 8, 8, TWO_STAGE, method="mse")
     assert all(isinstance(m, FeatureImitationLoss) for m in ml.losses.values())
     student, teacher = features(8, 1), features(8, 2)
     terms, total = ml(student, teacher, BOXES, BATCH)
@@ -89,8 +93,8 @@ def test_mse_baseline() -> None:
 @pytest.mark.parametrize("loss_type", ["fgd", "mse"])
 def test_teacher_rms_normalisation_removes_the_feature_scale(loss_type: str) -> None:
     torch.manual_seed(0)
-    raw = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, loss_type=loss_type)
-    norm = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, loss_type=loss_type)
+    raw = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, method=loss_type)
+    norm = MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, method=loss_type)
     norm.load_state_dict(raw.state_dict())
     assert norm.normalize == "none" and "normalize='none'" in repr(norm)
     norm.normalize = "teacher_rms"
@@ -151,7 +155,7 @@ def test_a_diverged_level_is_a_user_facing_error_that_names_it() -> None:
         (("p3", 8, 8), {}, "sequence of level names"),
         ((LEVELS, {"p3": 8}, 8), {}, r"student_channels has no entry for level\(s\) \['p4'\]"),
         ((LEVELS, 8, 8, {"p3": FCOS_LIKE}), {}, "hparams has no entry"),
-        ((LEVELS, 8, 8), {"loss_type": "kd"}, "loss_type"),
+        ((LEVELS, 8, 8), {"method": "kd"}, "method"),
         ((LEVELS, 8, 8), {"normalize": "batchnorm"}, "normalize must be one of"),
         ((LEVELS, 8.0, 8), {}, "must be int"),
     ],
@@ -166,3 +170,55 @@ def test_hyperparams_validation() -> None:
         FGDHyperParams(temperature=0)
     with pytest.raises(ValueError, match="lambda_"):
         FGDHyperParams(lambda_=-1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams", "loss_cls"),
+    [
+        ("pkd", PKDHyperParams(loss_weight=3.0), PKDLoss),
+        ("cwd", CWDHyperParams(tau=2.0), CWDLoss),
+        ("mgd", MGDHyperParams(alpha_mgd=1e-3), MGDLoss),
+    ],
+)
+def test_other_methods_give_one_term_per_level_equal_to_their_loss(
+    method: str, hparams: object, loss_cls: type
+) -> None:
+    student, teacher = features(8, 0), features(8, 1)
+    ml = MultiLevelFGD(LEVELS, 8, 8, hparams, method=method)
+    assert ml.method == method and method in METHODS
+    torch.manual_seed(3)  # MGD draws its mask from the global generator
+    terms, total = ml(student, teacher, BOXES, BATCH)
+    assert set(terms) == {f"fgd/{lv}/{method}" for lv in LEVELS}
+    torch.manual_seed(3)
+    for lv in LEVELS:
+        single = ml.losses[lv]
+        assert isinstance(single, loss_cls)
+        assert torch.allclose(terms[f"fgd/{lv}/{method}"], single(student[lv], teacher[lv]))
+    assert torch.allclose(total, sum(terms.values()))
+    assert (len(list(ml.parameters())) > 0) == (method == "mgd")
+
+
+def test_methods_without_an_align_layer_need_equal_channels() -> None:
+    for method in ("pkd", "cwd"):
+        with pytest.raises(ValueError, match=rf"level p3: {method} needs the same channels.*8.*16"):
+            MultiLevelFGD(LEVELS, 8, 16, method=method)
+    mgd = MultiLevelFGD(LEVELS, 8, 16, method="mgd")  # aligned by a 1x1 conv
+    assert mgd.losses["p3"].align is not None
+    assert mgd.hparams["p3"] == MGDHyperParams()  # the method's defaults
+    with pytest.raises(ValueError, match="hparams\\['p3'\\] must be PKDHyperParams"):
+        MultiLevelFGD(LEVELS, 8, 8, ONE_STAGE_HPARAMS, method="pkd")
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (PKDHyperParams, {"loss_weight": -1.0}, "loss_weight must be finite and >= 0"),
+        (PKDHyperParams, {"resize_student": "yes"}, "resize_student must be true or false"),
+        (CWDHyperParams, {"tau": 0.0}, "tau must be finite and > 0"),
+        (MGDHyperParams, {"lambda_mgd": 1.5}, "lambda_mgd is a probability"),
+        (MGDHyperParams, {"alpha_mgd": float("inf")}, "alpha_mgd must be finite"),
+    ],
+)
+def test_bad_method_hyperparameters_are_refused(cls: type, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)

@@ -125,7 +125,7 @@ def test_one_step_for_each_arch(arch: str, levels: tuple[str, ...]) -> None:
 def test_mismatched_channels_and_mse_baseline() -> None:
     student, teacher = detector("retinanet", fpn=32), detector("retinanet", fpn=64, seed=1)
     for loss_type, term in (("fgd", "fg"), ("mse", "mse")):
-        distiller = Distiller(student, teacher, loss_type=loss_type)
+        distiller = Distiller(student, teacher, method=loss_type)
         align = [m for n, m in distiller.fgd.named_modules() if n.endswith("align")]
         assert len(align) == 5 and all(
             isinstance(m, nn.Conv2d) and (m.in_channels, m.out_channels) == (32, 64) for m in align
@@ -379,8 +379,8 @@ def test_incompatible_pairs_are_clear_errors() -> None:
         Distiller(student, teacher, levels=["P3"])
     with pytest.raises(ConfigError, match="unknown detector family 'yolo'"):
         Distiller(student, teacher, family="yolo")
-    with pytest.raises(ConfigError, match="loss_type"):
-        Distiller(student, teacher, loss_type="l1")
+    with pytest.raises(ConfigError, match="method"):
+        Distiller(student, teacher, method="l1")
     with pytest.raises(ConfigError, match="normalize must be one of"):
         Distiller(student, teacher, levels=["p3"], normalize="layer")
     with pytest.raises(CompatibilityError, match=r"p4 \(student 16, teacher 32\)"):
@@ -413,3 +413,34 @@ def test_ddp_wraps_only_the_student_and_fgd(tmp_path: Any) -> None:
         assert all(p.grad is not None for p in ddp.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["pkd", "cwd", "mgd"])
+def test_other_methods_train_with_the_student_and_stay_out_of_its_state(method: str) -> None:
+    distiller = Distiller(detector("retinanet"), detector("retinanet", seed=1), method=method)
+    losses = distiller(*batch())
+    levels = ("p3", "p4", "p5", "p6") if method == "pkd" else ("p3", "p4", "p5", "p6", "p7")
+    assert {k for k in losses if k.startswith("fgd/")} == {f"fgd/{lv}/{method}" for lv in levels}
+    total(losses).backward()
+    own = list(distiller.fgd.parameters())
+    assert (len(own) > 0) == (method == "mgd")
+    assert all(p.grad is not None for p in own)
+    assert set(distiller.student_state_dict()) == set(distiller.student.state_dict())
+    assert not any(k.startswith("fgd.") for k in distiller.student_state_dict())
+
+
+def test_a_reppoints_teacher_distils_a_retinanet_student() -> None:
+    # a heterogeneous pair: the same levels and strides, each detector its own head
+    student, teacher = detector("retinanet"), detector("reppoints", seed=1)
+    for method in ("fgd", "pkd"):
+        distiller = Distiller(student, teacher, method=method, inherit_teacher=True)
+        assert distiller.family == "retinanet"  # the student's presets
+        report = distiller.inherit_report
+        assert report is not None and any(k.startswith("backbone.fpn.") for k in report.copied)
+        assert not any(k.startswith("head.") for k in report.copied)  # other heads
+        total(distiller(*batch())).backward()
+    # PKD and CWD have no align layer: other channels are refused, naming both
+    wide = detector("reppoints", fpn=64, seed=1)
+    for method in ("pkd", "cwd"):
+        with pytest.raises(CompatibilityError, match=rf"with {method}: level p3: .*32.*64"):
+            Distiller(student, wide, method=method)

@@ -82,6 +82,7 @@ def summarise(plan: BenchPlan, records: Records, *, heldout: bool = False) -> di
             "diagnostic": row.diagnostic,
             "model": f"{row.config.model.arch} {row.config.model.backbone}",
             "baseline": row.baseline,
+            "teacher": plan.teacher_family(row.family),
             "seeds": sorted(per_seed),
             "per_seed": {str(s): m for s, m in sorted(per_seed.items())},
             "metrics": {
@@ -114,7 +115,7 @@ def _gain(
     paired = sorted(set(mine) & set(theirs))
     ap = _mean_std([mine[s].get("AP", math.nan) for s in paired])[0]
     base_ap = _mean_std([theirs[s].get("AP", math.nan) for s in paired])[0]
-    teacher = teachers.get(row.family, {}).get("metrics", {})
+    teacher = teachers.get(plan.teacher_family(row.family), {}).get("metrics", {})
     gap = teacher.get("AP", math.nan) - base_ap
     same_budget = base is None or _budget(plan.row(base)) == _budget(row)
     return {
@@ -231,7 +232,7 @@ def write_results(
     counted = [
         r for r in plan.rows if not r.diagnostic or any((r.name, s) in records for s in plan.seeds)
     ]
-    complete = all((r.family, None) in records for r in counted) and all(
+    complete = all((plan.teacher_family(r.family), None) in records for r in counted) and all(
         (r.name, s) in records for r in counted for s in plan.seeds
     )
     data = summarise(plan, records)

@@ -8,7 +8,8 @@ A benchmark YAML (``configs/bench/quality.yaml``, ``configs/demo/demo.yaml``) ha
 - ``seeds``: the students' seeds; every row runs with each;
 - ``common``: a training config shared by every run;
 - ``families``: per detector family, ``teacher`` and ``student`` (merged over ``common``) and the
-  ``distill`` section each distilled row of the family starts from;
+  ``distill`` section each distilled row of the family starts from; a ``teacher`` given as the
+  name of another family shares that family's teacher (a pair of two detector types);
 - ``rows``: the student rows, each ``name``, ``description``, optional ``family``, ``train``
   (merged over the family's student), ``distill`` (merged over the family's; absent: no
   distillation) and ``baseline`` (the undistilled row its gain is measured against; default: the
@@ -97,10 +98,16 @@ class BenchPlan:
     teachers: dict[str, TrainConfig]
     rows: list[Row]
     compare: dict[str, list[str]] = field(default_factory=dict)
+    #: family -> the family whose teacher it distils from (itself unless it names another)
+    teacher_of: dict[str, str] = field(default_factory=dict)
 
     def row(self, name: str) -> Row:
         """The row called ``name``."""
         return next(r for r in self.rows if r.name == name)
+
+    def teacher_family(self, family: str) -> str:
+        """The family whose teacher stage ``family``'s rows are distilled from."""
+        return self.teacher_of.get(family, family)
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,14 +188,26 @@ def _plan(
     if not isinstance(families, Mapping) or not families:
         raise ConfigError("families: need at least one detector family")
     teachers: dict[str, TrainConfig] = {}
+    teacher_of: dict[str, str] = {}
     for fam, section in families.items():
         for key in section or {}:
             if key not in _FAMILY_KEYS:
                 raise _unknown(str(key), _FAMILY_KEYS, f"families.{fam}")
+        teacher = (section or {}).get("teacher") or {}
+        if isinstance(teacher, str):
+            owner = families.get(teacher)
+            if owner is None or isinstance((owner or {}).get("teacher"), str):
+                raise ConfigError(
+                    f"families.{fam}.teacher: '{teacher}' is not a family with a teacher of its own"
+                )
+            teacher_of[fam] = teacher
+            continue
         try:
-            teachers[fam] = config_from_dict(merge(common, (section or {}).get("teacher") or {}))
+            teachers[fam] = config_from_dict(merge(common, teacher))
         except ConfigError as exc:
             raise ConfigError(f"families.{fam}.teacher: {exc}") from None
+    for fam, owner in teacher_of.items():
+        teachers[fam] = teachers[owner]
     all_rows = _rows(raw.get("rows") or [], "rows", families, common, [])
     all_rows += _rows(raw.get("diagnostics") or [], "diagnostics", families, common, all_rows)
     _resolve_baselines(all_rows)
@@ -209,7 +228,7 @@ def _plan(
     if not plan_rows:
         raise ConfigError("rows: nothing to run")
     compare = _compare(raw.get("compare") or {}, by_name)
-    return BenchPlan(synth, heldout, seed_list, teachers, plan_rows, compare)
+    return BenchPlan(synth, heldout, seed_list, teachers, plan_rows, compare, teacher_of)
 
 
 def _rows(

@@ -25,7 +25,8 @@ def _pictured(plan: BenchPlan, data: Mapping[str, Any]) -> tuple[str, int] | Non
     candidates = [*grouped, *(r.name for r in plan.rows)]
     for name in candidates:
         row = plan.row(name) if name in seeds else None
-        if row is None or row.config.distill is None or row.family not in data["teachers"]:
+        teacher = plan.teacher_family(row.family) if row else ""
+        if row is None or row.config.distill is None or teacher not in data["teachers"]:
             continue
         common = sorted(seeds[name] & seeds.get(row.baseline or "", set()))
         if common:
@@ -72,7 +73,7 @@ def write_report(plan: BenchPlan, data: Mapping[str, Any], work: Path) -> Path |
         work,
         rows=_table(data),
         notes=data["conclusions"],
-        teacher=load_detector(work / f"teacher_{row.family}" / "model.pt"),
+        teacher=load_detector(work / f"teacher_{plan.teacher_family(row.family)}" / "model.pt"),
         student=load_detector(seed_dir / name / "student.pt"),
         baseline=load_detector(seed_dir / row.baseline / "model.pt"),
         data_dir=work / "data",

@@ -177,7 +177,7 @@ def stage_fingerprint(cfg: TrainConfig, upstream: Sequence[str]) -> str:
 
 def plan_stages(plan: BenchPlan, work: Path, data: DataSet) -> list[Stage]:
     """The plan's stages in running order: one teacher per family, then seed by seed, the rows."""
-    families = list(dict.fromkeys(r.family for r in plan.rows))
+    families = list(dict.fromkeys(plan.teacher_family(r.family) for r in plan.rows))
     stages: list[Stage] = []
     teacher_fp: dict[str, str] = {}
     for fam in families:
@@ -196,9 +196,10 @@ def plan_stages(plan: BenchPlan, work: Path, data: DataSet) -> list[Stage]:
             point_at_data(cfg, data.folder)
             upstream = [data.fingerprint]
             if cfg.distill is not None:
-                cfg.distill.teacher = copy.deepcopy(plan.teachers[row.family].model)
-                cfg.distill.teacher_checkpoint = str(work / f"teacher_{row.family}" / "model.pt")
-                upstream.append(teacher_fp[row.family])
+                owner = plan.teacher_family(row.family)
+                cfg.distill.teacher = copy.deepcopy(plan.teachers[owner].model)
+                cfg.distill.teacher_checkpoint = str(work / f"teacher_{owner}" / "model.pt")
+                upstream.append(teacher_fp[owner])
             label = f"[{len(stages) - len(families) + 1}/{total}] seed {seed} {row.name}"
             fp = stage_fingerprint(cfg, upstream)
             stages.append(Stage(label, row.family, cfg, fp, row.name, seed))

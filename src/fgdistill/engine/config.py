@@ -158,18 +158,23 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    """FGD distillation from a trained teacher.
+    """Distillation from a trained teacher: FGD, or another method on the same footing.
 
-    ``preset`` names a family in :data:`fgdistill.models.presets.PRESETS` (``None``: derived from
-    the student's architecture). ``hparams`` overrides fields of the preset for every level
-    (``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_``); ``level_hparams`` overrides
-    them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels`` defaults to the family's
-    levels. ``fgd_weight_scale`` multiplies every FGD term (1.0 keeps the paper's weights);
-    ``fgd_warmup_iters`` ramps that multiplier linearly from 0 over the first iterations.
-    ``split_regions: false`` distils every pixel as one region weighted by ``beta`` (an ablation
-    of the paper's Table 1; FGD splits foreground and background). ``normalize: teacher_rms``
-    divides each level's maps by the root mean square of the teacher's map before the loss, so
-    the terms do not grow with the teacher's feature scale (``none``: the released code).
+    ``method`` is ``fgd`` (the default), ``mse`` (plain feature imitation), ``pkd``, ``cwd`` or
+    ``mgd``. ``preset`` names a detector family whose settings for that method are taken
+    (:func:`fgdistill.models.presets.preset`; ``None``: the student's architecture).
+    ``hparams`` overrides the preset's hyperparameters for every level (FGD and mse:
+    ``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_``; PKD: ``loss_weight``,
+    ``resize_student``; CWD: ``tau``, ``loss_weight``; MGD: ``alpha_mgd``, ``lambda_mgd``);
+    ``level_hparams`` overrides them for single levels (``{"p3": {"alpha": 2e-3}}``). ``levels``
+    defaults to the preset's. ``fgd_weight_scale`` multiplies every distillation term (1.0
+    keeps the published weights); ``fgd_warmup_iters`` ramps that multiplier linearly from 0
+    over the first iterations. ``split_regions: false`` distils every pixel as one region
+    weighted by ``beta`` (FGD only: an ablation of the paper's Table 1). ``normalize:
+    teacher_rms`` divides each level's maps by the root mean square of the teacher's map before
+    the loss, so the terms do not grow with the teacher's feature scale (``none``: the released
+    code). ``inherit_teacher`` copies the teacher's neck and head into the student, whatever the
+    method.
     """
 
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -179,7 +184,7 @@ class DistillConfig:
     hparams: dict[str, float] = field(default_factory=dict)
     level_hparams: dict[str, dict[str, float]] = field(default_factory=dict)
     inherit_teacher: bool = False
-    loss_type: str = "fgd"
+    method: str = "fgd"
     fgd_weight_scale: float = 1.0
     fgd_warmup_iters: int = 0
     split_regions: bool = True
@@ -215,7 +220,7 @@ class TrainConfig:
 
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (OptimConfig, "optimizer"): ("sgd", "adamw"),
-    (DistillConfig, "loss_type"): ("fgd", "mse"),
+    (DistillConfig, "method"): ("fgd", "mse", "pkd", "cwd", "mgd"),
     (DistillConfig, "normalize"): ("none", "teacher_rms"),
     (TrainConfig, "device"): ("auto", "cpu", "cuda"),
 }

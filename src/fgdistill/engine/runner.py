@@ -226,12 +226,13 @@ def build_trainable(cfg: TrainConfig, num_classes: int) -> TrainModel:
     return TrainModel(student, _build_distiller(cfg, student, num_classes), spec, distilling=True)
 
 
-def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
-    """Per-level :class:`FGDHyperParams` from the preset and the config's overrides."""
+def _method_settings(cfg: TrainConfig, family: str) -> tuple[list[str], dict[str, Any]]:
+    """The distilled levels and per-level hyperparameters: the preset's, with the config's
+    overrides; a misspelt key is named."""
     import dataclasses
+    import difflib
 
-    from fgdistill.losses import FGDHyperParams
-    from fgdistill.models.presets import PRESETS
+    from fgdistill.models.presets import PRESETS, preset
 
     dc = cfg.distill
     assert dc is not None
@@ -240,18 +241,25 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
         raise ConfigError(
             f"distill.preset: unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}"
         )
-    base = PRESETS[preset_name]
-    names = {f.name for f in dataclasses.fields(FGDHyperParams)}
-    for key in list(dc.hparams) + [k for v in dc.level_hparams.values() for k in v]:
-        if key not in names:
-            raise ConfigError(
-                f"distill.hparams: unknown key {key!r}; valid keys: {', '.join(sorted(names))}"
-            )
+    preset_levels, base = preset(dc.method, preset_name)
+    levels = list(dc.levels) if dc.levels else list(preset_levels)
+    names = [f.name for f in dataclasses.fields(base)]
+    for where, keys in [
+        ("hparams", dc.hparams),
+        *((f"level_hparams.{lv}", v) for lv, v in dc.level_hparams.items()),
+    ]:
+        for key in keys:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(names)}"
+                raise ConfigError(
+                    f"distill.{where}: unknown key {key!r} for method {dc.method!r}; {hint}"
+                )
     unknown_levels = [lv for lv in dc.level_hparams if lv not in levels]
     if unknown_levels:
         raise ConfigError(
             f"distill.level_hparams: level(s) {unknown_levels} are not distilled; "
-            f"levels are {list(levels)}"
+            f"levels are {levels}"
         )
     try:
         base = dataclasses.replace(base, **dc.hparams)
@@ -263,12 +271,11 @@ def _fgd_hparams(cfg: TrainConfig, levels: Sequence[str], family: str) -> Any:
             out[lv] = dataclasses.replace(base, **dc.level_hparams.get(lv, {}))
         except ValueError as exc:
             raise ConfigError(f"distill.level_hparams.{lv}: {exc}") from None
-    return out
+    return levels, out
 
 
 def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> nn.Module:
     from fgdistill.models import Distiller
-    from fgdistill.models.presets import DEFAULT_LEVELS
 
     dc = cfg.distill
     assert dc is not None
@@ -278,15 +285,14 @@ def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> 
     source = str(dc.teacher_checkpoint)
     state = state_dict_of(load_checkpoint(dc.teacher_checkpoint), source=source)
     load_state_dict_checked(teacher, state, source=source, strict=True)
-    family = cfg.model.arch
-    levels = list(dc.levels) if dc.levels else list(DEFAULT_LEVELS[family])
+    levels, hparams = _method_settings(cfg, cfg.model.arch)
     distiller: nn.Module = Distiller(
         student,
         teacher,
         levels=levels,
-        hparams=_fgd_hparams(cfg, levels, family),
+        hparams=hparams,
         inherit_teacher=dc.inherit_teacher,
-        loss_type=dc.loss_type,
+        method=dc.method,
         split_regions=dc.split_regions,
         normalize=dc.normalize,
     )

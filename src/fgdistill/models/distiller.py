@@ -37,10 +37,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 from fgdistill.errors import CompatibilityError, ConfigError
-from fgdistill.losses import FGDHyperParams, MultiLevelFGD
+from fgdistill.losses import MultiLevelFGD
 from fgdistill.models.build import SPEC_ATTR
 from fgdistill.models.levels import LevelInfo, backbone_levels
-from fgdistill.models.presets import DEFAULT_LEVELS, PRESETS
+from fgdistill.models.presets import PRESETS, preset
 
 __all__ = [
     "INHERIT_PREFIXES",
@@ -264,6 +264,11 @@ def _first_tensor(module: nn.Module) -> Tensor | None:
 class Distiller(nn.Module):
     """Student detector + frozen teacher + :class:`~fgdistill.losses.MultiLevelFGD`.
 
+    FGD by default; ``method`` picks PKD, CWD, MGD or plain imitation on the same levels and
+    footing. The teacher may be another kind of detector than the student (e.g. a RepPoints
+    teacher for a RetinaNet student) as long as the distilled levels exist on both sides with
+    the same strides; PKD and CWD also need the same channels per level.
+
     Train mode: ``distiller(images, targets)`` returns the student's loss dict plus the weighted
     FGD terms keyed ``"fgd/{level}/{term}"`` (not their total), so a trainer sums the dict once.
     Eval mode: it is the student, ``distiller(images)`` returns the student's detections.
@@ -273,13 +278,15 @@ class Distiller(nn.Module):
             :func:`~fgdistill.models.build_detector`'s).
         teacher: another such detector; only its backbone + FPN runs. Its parameters are set to
             ``requires_grad=False``, it is put in eval mode and moved to the student's device.
-        levels: FPN levels to distil, e.g. ``["p3", "p4", "p5"]``. Default:
-            ``DEFAULT_LEVELS[family]`` (P3-P7 one-stage, P2-P5 two-stage).
-        hparams: one :class:`~fgdistill.losses.FGDHyperParams` or a mapping level -> hparams.
-            Default: ``PRESETS[family]``, the released configs' settings.
+        levels: FPN levels to distil, e.g. ``["p3", "p4", "p5"]``. Default: the preset's
+            (:func:`~fgdistill.models.presets.preset`; FGD: P3-P7 one-stage, P2-P5 two-stage).
+        hparams: the method's hyperparameters (e.g. one
+            :class:`~fgdistill.losses.FGDHyperParams`) or a mapping level -> hparams. Default:
+            the preset's, the published configs' settings.
         inherit_teacher: copy the teacher's FPN and head weights into the student where names
             and shapes match (see :attr:`inherit_report`), after every other initialisation.
-        loss_type: ``"fgd"``, or ``"mse"`` for the plain feature-imitation baseline.
+        method: ``"fgd"``, ``"mse"`` (the plain feature-imitation baseline), ``"pkd"``,
+            ``"cwd"`` or ``"mgd"``.
         split_regions: ``True`` (FGD): foreground (inside the boxes) and background are weighted
             apart, by ``alpha`` and ``beta``. ``False``: the ablation that distils every pixel as
             one region, with the background weight ``beta`` (the loss sees no boxes).
@@ -292,7 +299,7 @@ class Distiller(nn.Module):
     Raises:
         CompatibilityError: the pair cannot be distilled (a level missing on either side,
             different strides, different input normalisation); the message names the levels.
-        ConfigError: bad ``levels``, ``hparams``, ``loss_type``, ``normalize`` or ``family``.
+        ConfigError: bad ``levels``, ``hparams``, ``method``, ``normalize`` or ``family``.
     """
 
     def __init__(
@@ -301,9 +308,9 @@ class Distiller(nn.Module):
         teacher: nn.Module,
         *,
         levels: Sequence[str] | None = None,
-        hparams: FGDHyperParams | Mapping[str, FGDHyperParams] | None = None,
+        hparams: Any = None,
         inherit_teacher: bool = False,
-        loss_type: str = "fgd",
+        method: str = "fgd",
         split_regions: bool = True,
         normalize: str = "none",
         family: str | None = None,
@@ -328,9 +335,15 @@ class Distiller(nn.Module):
                 f"cannot tell the detector family of {type(student).__name__}; pass family=... "
                 f"(one of {list(PRESETS)}) or both levels and hparams"
             )
+        preset_levels: Sequence[str] = ()
+        preset_hparams: Any = None
+        if family is not None:
+            try:
+                preset_levels, preset_hparams = preset(method, family)
+            except KeyError as exc:
+                raise ConfigError(str(exc.args[0])) from None
         if levels is None:
-            assert family is not None
-            levels = DEFAULT_LEVELS[family]
+            levels = preset_levels
         if isinstance(levels, str):
             raise ConfigError(f"levels must be a list of level names, got the string {levels!r}")
         levels = tuple(levels)
@@ -338,8 +351,7 @@ class Distiller(nn.Module):
         if bad or not levels:
             raise ConfigError(f"levels must be names like 'p3' (stride 2**3); got {list(levels)}")
         if hparams is None:
-            assert family is not None
-            hparams = PRESETS[family]
+            hparams = preset_hparams
 
         self.student = student
         # Outside the registry of children: not in parameters(), state_dict() or DDP.
@@ -356,11 +368,13 @@ class Distiller(nn.Module):
                 {lvl: s_levels[lvl].channels for lvl in levels},
                 {lvl: t_levels[lvl].channels for lvl in levels},
                 hparams,
-                loss_type=loss_type,
+                method=method,
                 normalize=normalize,
             )
         except ValueError as exc:
-            raise ConfigError(f"cannot build the FGD loss: {exc}") from exc
+            if "channels" in str(exc):
+                raise CompatibilityError(f"cannot distil this pair with {method}: {exc}") from exc
+            raise ConfigError(f"cannot build the {method} loss: {exc}") from exc
         self._fgd_weight_scale = 1.0
         self.split_regions = bool(split_regions)
 
@@ -381,7 +395,7 @@ class Distiller(nn.Module):
             log("inheriting the teacher's neck and heads: %s", report.describe())
         logger.info(
             "distilling %s levels %s (%s), student %s, teacher %s",
-            loss_type,
+            method,
             list(levels),
             family or "custom",
             type(student).__name__,
