@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import shutil
@@ -317,45 +318,20 @@ def run_bench(
     stages = plan_stages(plan, work, data)
     teachers = [s for s in stages if s.seed is None]
     students = [s for s in stages if s.seed is not None]
+    run = functools.partial(
+        run_stage, train_fn=train_fn, heldout=heldout, progress=progress, say=say
+    )
     for stage in teachers:
-        run_stage(
-            stage,
-            train_fn=train_fn,
-            heldout=heldout,
-            progress=progress,
-            say=say,
-            reuse_only=report_only,
-        )
+        run(stage, reuse_only=report_only)
     # what is finished is reused (and scored) here; the rest is trained, by workers or here
-    pending = [
-        s
-        for s in students
-        if run_stage(
-            s,
-            train_fn=train_fn,
-            heldout=heldout,
-            progress=progress,
-            say=say,
-            reuse_only=True,
-            wait=False,
-        )
-        is None
-    ]
+    pending = [s for s in students if run(s, reuse_only=True, wait=False) is None]
     if pending and not report_only:
         if jobs > 1:
-            _run_in_workers(
-                pending, jobs, train_fn if train_fn is not train else None, heldout, say
-            )
+            custom = train_fn if train_fn is not train else None
+            _run_in_workers(pending, jobs, custom, heldout, say)
         else:
             for stage in pending:
-                run_stage(
-                    stage,
-                    train_fn=train_fn,
-                    heldout=heldout,
-                    progress=progress,
-                    say=say,
-                    wait=False,
-                )
+                run(stage, wait=False)
     out: dict[tuple[str, int | None], StageRecord] = {}
     for stage in stages:
         record = read_record(Path(stage.config.work_dir))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fgdistill.errors import CompatibilityError
 
-__all__ = ["check_feature_pair", "check_weight"]
+__all__ = ["check_channels", "check_feature_pair", "check_weight"]
 
 
 def check_feature_pair(
@@ -84,3 +84,13 @@ def check_weight(name: str, value: float, *, positive: bool = False) -> float:
     if not math.isfinite(out) or out < 0 or (positive and out == 0):
         raise ValueError(f"{name} must be finite and {'>' if positive else '>='} 0, got {value!r}")
     return out
+
+
+def check_channels(student_channels: object, teacher_channels: object) -> None:
+    """Raise ``ValueError`` unless both channel counts are positive ints."""
+    for name, value in (
+        ("student_channels", student_channels),
+        ("teacher_channels", teacher_channels),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from fgdistill.errors import NonFiniteError
 from fgdistill.losses._dense import DenseSpec, DenseStats, default_chunk
+from fgdistill.losses._pair import check_channels
 from fgdistill.losses.attention import attention_from_means
 from fgdistill.losses.masks import fgd_masks
 
@@ -267,12 +268,7 @@ class FGDLoss(nn.Module):
         lambda_: float = 5e-6,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("student_channels", student_channels),
-            ("teacher_channels", teacher_channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_channels(student_channels, teacher_channels)
         if teacher_channels < 2:
             raise ValueError(f"teacher_channels must be at least 2, got {teacher_channels}")
         if not temperature > 0:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgdistill.losses._pair import check_channels
 from fgdistill.losses.fgd import check_finite_result, check_loss_inputs
 
 __all__ = ["FeatureImitationLoss"]
@@ -34,12 +35,7 @@ class FeatureImitationLoss(nn.Module):
         self, student_channels: int, teacher_channels: int, *, weight: float = 5e-6
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("student_channels", student_channels),
-            ("teacher_channels", teacher_channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_channels(student_channels, teacher_channels)
         if not weight >= 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         self.student_channels = student_channels

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgdistill.errors import CompatibilityError
-from fgdistill.losses._pair import check_feature_pair, check_weight
+from fgdistill.losses._pair import check_channels, check_feature_pair, check_weight
 from fgdistill.losses.fgd import check_finite_result
 
 __all__ = ["MGDLoss"]
@@ -64,12 +64,7 @@ class MGDLoss(nn.Module):
         lambda_mgd: float = 0.65,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("student_channels", student_channels),
-            ("teacher_channels", teacher_channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_channels(student_channels, teacher_channels)
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
         self.alpha_mgd = check_weight("alpha_mgd", alpha_mgd)
