@@ -31,3 +31,7 @@ class CompatibilityError(FgdistillError):
 
 class NonFiniteError(FgdistillError):
     """A feature map or a loss became NaN or infinite: training diverged, or the input is bad."""
+
+
+class ExportError(FgdistillError):
+    """A detector cannot be exported, or its exported file does not compute what it computes."""
