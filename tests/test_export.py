@@ -83,7 +83,7 @@ def test_exported_file_matches_the_model(arch: str, fmt: str, tmp_path: Path) ->
     assert type(model.transform) is GeneralizedRCNNTransform
 
     check = verify_export(model, path, sample_image(*CHECK_SIZE, seed=3))
-    print(f"{arch} {fmt}: {check.describe()}")
+    print(f"{arch} {fmt} at {CHECK_SIZE}: {check.describe()}")
     assert check.compared == 10, check.describe()
     assert check.ok, check.describe()
     assert check.min_iou > 0.99 and check.max_score_diff <= 1e-4

@@ -153,7 +153,7 @@ def export_detector(
         _export_onnx(model, path, opset, input_size)
     else:
         _export_torchscript(model, path, half)
-    logger.info("wrote %s (%s, %.1f MB)", path, fmt, path.stat().st_size / 1e6)
+    logger.debug("wrote %s (%s, %.1f MB)", path, fmt, path.stat().st_size / 1e6)
     return path
 
 
@@ -411,7 +411,9 @@ def _onnx_runner(path: Path) -> Callable[[Tensor], dict[str, Tensor]]:
 
 def _torchscript_runner(path: Path) -> Callable[[Tensor], dict[str, Tensor]]:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ExportError(f"{path}: not a TorchScript file: {_first_line(exc)}") from exc
     half = any(p.dtype == torch.float16 for p in module.parameters())
@@ -422,7 +424,9 @@ def _torchscript_runner(path: Path) -> Callable[[Tensor], dict[str, Tensor]]:
     def run(image: Tensor) -> dict[str, Tensor]:
         img = _single(image)
         img = img.cuda().half() if half else img
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torchvision's "always returns a (Losses, Detections) tuple": the file does not
+            warnings.filterwarnings("ignore", ".*always returns", UserWarning)
             det = module([img])[0]
         keys = [k for k in ("boxes", "scores", "labels", "masks") if k in det]  # ONNX's order
         return {
@@ -463,9 +467,8 @@ class ExportCheck:
 
     def describe(self) -> str:
         """One line for people."""
-        h, w = self.image_size
         text = (
-            f"{h}x{w} image: model {self.reference} detections, file {self.exported}; "
+            f"model {self.reference} detections, file {self.exported}; "
             f"top {self.compared}: {self.matched} match (same label, IoU > {self.iou_thresh}, "
             f"score within {self.score_tol:g}); max score difference {self.max_score_diff:.2e}, "
             f"min IoU {self.min_iou:.6f}"
