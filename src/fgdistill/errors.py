@@ -35,3 +35,7 @@ class NonFiniteError(FgdistillError):
 
 class NonFiniteLossError(NonFiniteError):
     """A loss term became NaN or infinite; the run stops before the bad update is applied."""
+
+
+class ExportError(FgdistillError):
+    """A detector cannot be exported, or its exported file does not compute what it computes."""

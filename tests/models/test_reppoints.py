@@ -265,6 +265,26 @@ def test_eval_with_targets_returns_detections(model: RepPoints) -> None:
     assert isinstance(out, list) and len(out) == 2 and "boxes" in out[0]
 
 
+def test_scripts_for_inference() -> None:
+    """torch.jit.script compiles the eval path; it detects what the eager model detects."""
+    m = small_model(score_thresh=0.0, detections_per_img=7).eval()
+    # Sizes the transform keeps: scripted, torchvision's transform rounds some resized sizes
+    # differently (its scale factor is float32 there; see fgdistill.export).
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 96, generator=g), torch.rand(3, 96, 96, generator=g)]
+    scripted = torch.jit.script(m)
+    with torch.no_grad():
+        eager, script = m(images), scripted(images)
+    assert isinstance(eager, list) and isinstance(script, list)
+    for a, b in zip(eager, script, strict=True):
+        assert a["boxes"].shape[0] > 0
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key])
+    scripted.train()
+    with pytest.raises(torch.jit.Error, match="inference only"):
+        scripted(images)
+
+
 def test_empty_targets_give_zero_box_losses(model: RepPoints) -> None:
     images, _ = images_and_targets()
     empty = [

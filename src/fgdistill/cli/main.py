@@ -21,6 +21,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "fgdistill.cli.train_cmds",
     "fgdistill.cli.viz_cmds",
     "fgdistill.cli.bench_cmds",
+    "fgdistill.cli.export_cmds",
 )
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image, deform_conv2d, sigmoid_focal_loss
 
@@ -253,8 +254,8 @@ def deform_conv2d_by_sampling(
     taps = k * k
     if offset.shape != (n, 2 * taps, h, w) or k % 2 == 0 or groups * c_per_group != c_in:
         raise ValueError(
-            f"deform_conv2d_by_sampling: bad shapes input {tuple(input.shape)}, offset "
-            f"{tuple(offset.shape)}, weight {tuple(weight.shape)}"
+            f"deform_conv2d_by_sampling: bad shapes input {list(input.shape)}, offset "
+            f"{list(offset.shape)}, weight {list(weight.shape)}"
         )
     r = torch.arange(k, device=input.device, dtype=offset.dtype) - k // 2
     ky, kx = torch.meshgrid(r, r, indexing="ij")
@@ -469,6 +470,9 @@ class RepPoints(nn.Module):
     (``FloatTensor[D, 4]`` xyxy in original image pixels), ``labels`` (``Int64Tensor[D]``) and
     ``scores`` (``FloatTensor[D]``).
 
+    ``torch.jit.script`` compiles it for inference (eval mode; the training path is left out)
+    and ``torch.onnx.export(..., dynamo=False)`` traces it with dynamic image sizes.
+
     ``images`` is a list of ``FloatTensor[3, H_i, W_i]`` in ``[0, 1]``; ``targets`` a list of
     dicts with ``boxes`` (``FloatTensor[K_i, 4]`` xyxy pixels) and ``labels``
     (``Int64Tensor[K_i]`` in ``1 .. num_classes - 1``).
@@ -574,11 +578,12 @@ class RepPoints(nn.Module):
         doubling per level as in an FPN with P6/P7. Coarse levels are not measured because a
         1x1 map (small inputs) does not tell its stride."""
         ratio = max(batch_hw[0] / features[0].shape[-2], batch_hw[1] / features[0].shape[-1])
-        first = 2 ** round(math.log2(ratio))
+        # Written for TorchScript: no math.log2, int ** int and round() are floats there.
+        first = 1 << int(round(math.log(ratio) / math.log(2.0)))  # noqa: RUF046
         for i in range(1, len(features)):
             if features[i].shape[-2] > features[i - 1].shape[-2]:
                 raise ValueError("RepPoints needs FPN levels ordered from fine to coarse")
-        return [first * 2**i for i in range(len(features))]
+        return [first << i for i in range(len(features))]
 
     def _log_scale(self) -> Tensor:
         mt = self.moment_transfer
@@ -603,14 +608,15 @@ class RepPoints(nn.Module):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Train mode: dict of losses. Eval mode: list of detections (see the class docstring)."""
-        if self.training or targets is not None:
+        if (self.training or targets is not None) and not torch.jit.is_scripting():
             # Like torchvision, targets given in eval mode are resized too (not used for output).
             validate_targets(targets, len(images), self.num_classes)
         original_sizes: list[tuple[int, int]] = []
         for img in images:
             if img.dim() != 3:
-                raise DataError(f"expected images of shape [C, H, W], got {tuple(img.shape)}")
-            original_sizes.append((int(img.shape[-2]), int(img.shape[-1])))
+                raise DataError(f"expected images of shape [C, H, W], got {list(img.shape)}")
+            # No int(): traced for ONNX, the sizes stay symbolic (they are ints otherwise).
+            original_sizes.append((img.shape[-2], img.shape[-1]))
 
         image_list, t_targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
@@ -623,7 +629,9 @@ class RepPoints(nn.Module):
         cls_logits, pts_init, pts_refine = self.head(feats)
         log_scale = self._log_scale()
 
-        if self.training:
+        if self.training and torch.jit.is_scripting():
+            raise RuntimeError("RepPoints: TorchScript runs inference only; call .eval() first")
+        if self.training and not torch.jit.is_scripting():
             assert t_targets is not None
             return self.compute_loss(
                 t_targets, cls_logits, pts_init, pts_refine, strides, log_scale
@@ -752,7 +760,8 @@ class RepPoints(nn.Module):
                 scores = torch.sigmoid(logits_l[i].flatten(1).t()).flatten()  # [HW*C]
                 keep = torch.nonzero(scores > self.score_thresh).squeeze(1)
                 scores = scores[keep]
-                topk = min(self.topk_candidates, int(keep.numel()))
+                # min(topk_candidates, len(keep)), kept symbolic when traced for ONNX.
+                topk = det_utils._topk_min(keep, self.topk_candidates, 0)
                 scores, idx = scores.topk(topk)
                 keep = keep[idx]
                 loc = torch.div(keep, num_fg, rounding_mode="floor")
