@@ -75,8 +75,8 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fgdistill.models import load_detector
     from fgdistill.export import check_export_request, default_input_size, export_detector
+    from fgdistill.models import load_detector
 
     verify = not args.no_verify
     input_size = tuple(args.input_size) if args.input_size is not None else None
@@ -146,9 +146,9 @@ def _sample(size: tuple[int, int], seed: int = 0) -> Tensor:
 
 def _read_image(path: Path, input_size: tuple[int, ...] | None) -> Tensor:
     """``FloatTensor[3, H, W]``; resized to ``input_size`` when the ONNX input is fixed."""
-    from fgdistill.viz.attention import load_image
+    from fgdistill.data.images import read_image
 
-    image = load_image(path)
+    image = read_image(path)
     if input_size is not None and tuple(image.shape[-2:]) != tuple(input_size):
         print(
             f"note: resizing {path} from {image.shape[-2]}x{image.shape[-1]} to "
