@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fgdistill.cli.main import main
-from fgdistill.engine.checkpoint import save_model_spec
 from fgdistill.models.build import build_detector, model_spec
+from fgdistill.models.checkpoint import save_model_spec
 
 
 @pytest.fixture(autouse=True)
