@@ -78,6 +78,43 @@ def register(subparsers: Any) -> None:
         help="train nothing: write the table of the stages already finished in the work dir",
     )
     q.set_defaults(func=_cmd_quality)
+
+    sp = sub.add_parser(
+        "speed",
+        help="parameters, GFLOPs and latency of a config's teacher and student",
+        description=(
+            "Build the teacher (distill.teacher) and the student (model) of a distillation "
+            "config with random weights, export each to TorchScript and ONNX, and print their "
+            "parameters, GFLOPs and median latency per image in each runtime on this machine."
+        ),
+    )
+    sp.add_argument("config", help="a distillation config (YAML file or packaged name)")
+    sp.add_argument(
+        "--size",
+        dest="sizes",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("MIN", "MAX"),
+        help="min_size and max_size of the image (repeatable; default: the config's and 96 96)",
+    )
+    sp.add_argument("--repeats", type=int, default=5, help="timed rounds, median reported (5)")
+    sp.add_argument(
+        "--runtimes",
+        nargs="+",
+        default=["eager", "torchscript", "onnxruntime"],
+        choices=["eager", "torchscript", "onnxruntime"],
+        help="what to time (default: all three)",
+    )
+    sp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.backbone=resnet18",
+    )
+    sp.set_defaults(func=_cmd_speed)
     bench.set_defaults(func=lambda args: _missing(bench))
 
 
@@ -121,3 +158,29 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         report_only=args.report_only,
     )
+
+
+def _cmd_speed(args: argparse.Namespace) -> int:
+    import datetime
+
+    import torch
+
+    from fgdistill.bench.aggregate import machine_line
+    from fgdistill.bench.speed import measure_speed, render_speed
+    from fgdistill.engine.config import load_config
+    from fgdistill.errors import ConfigError
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if cfg.distill is None:
+        raise ConfigError(f"{args.config}: bench speed needs a distillation config")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: need at least 1, got {args.repeats}")
+    sizes = [tuple(s) for s in args.sizes or [(cfg.model.min_size, cfg.model.max_size), (96, 96)]]
+    rows = measure_speed(cfg, sizes, repeats=args.repeats, runtimes=args.runtimes)
+    print(
+        f"{args.config}, {datetime.date.today().isoformat()}, {machine_line()}, torch "
+        f"{torch.__version__}; random weights, 91 classes, one image, median of "
+        f"{args.repeats} rounds"
+    )
+    print(render_speed(rows))
+    return 0
