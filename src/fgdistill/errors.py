@@ -35,3 +35,12 @@ class NonFiniteError(FgdistillError):
 
 class NonFiniteLossError(NonFiniteError):
     """A loss term became NaN or infinite; the run stops before the bad update is applied."""
+
+
+class StorageError(FgdistillError):
+    """A file could not be written: the disk is full, or the folder is not writable."""
+
+
+class WorkDirError(FgdistillError):
+    """A work dir is in use by another process, holds a finished run, or belongs to another
+    config."""
