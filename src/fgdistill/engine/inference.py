@@ -171,7 +171,9 @@ def evaluate_model(
             images, targets = move_batch(batch, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 outputs = model(images)
-            outputs = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
+            outputs = [
+                _without_background({k: v.float().cpu() for k, v in o.items()}) for o in outputs
+            ]
             targets = [
                 {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
                 for t in targets
@@ -185,6 +187,21 @@ def evaluate_model(
         model.train(was_training)
     results = evaluator.evaluate()
     return {task: {k: float(v) for k, v in vals.items()} for task, vals in results.items()}
+
+
+def _without_background(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detector's output without detections labelled 0, the background.
+
+    RetinaNet and FCOS score every class slot, background included; it is never a target, so
+    its score is low once trained, but an early or diverged model can still return it. It is
+    no category, and the evaluator refuses it.
+    """
+    labels = output.get("labels")
+    if labels is None or not len(labels) or bool((labels > 0).all()):
+        return output
+    keep = labels > 0
+    n = len(labels)
+    return {k: (v[keep] if v.dim() and v.shape[0] == n else v) for k, v in output.items()}
 
 
 def evaluate_checkpoint(
