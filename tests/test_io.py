@@ -47,3 +47,46 @@ def test_read_jsonl_skips_truncated_last_line_only(tmp_path):
         read_jsonl(path)
     with pytest.raises(DataError, match="cannot read"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_file(tmp_path):
+    import errno
+
+    from fgdistill.errors import StorageError
+
+    def full(fh):
+        fh.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(
+        StorageError, match=r"last\.pt: No space left on device \(writing last\.pt\)"
+    ):
+        atomic_write(path, full, fsync=True)
+    assert list(tmp_path.iterdir()) == []  # no partial temporary file left
+
+
+def test_torch_save_on_a_full_disk_is_recognised():
+    import torch
+
+    from fgdistill.io import is_disk_full
+
+    try:
+        with open("/dev/full", "wb") as fh:
+            torch.save({"a": torch.zeros(10000)}, fh)
+    except (OSError, RuntimeError) as exc:
+        assert is_disk_full(exc)
+    else:  # pragma: no cover - no /dev/full here
+        pytest.skip("/dev/full accepted the write")
+
+
+def test_remove_temporaries_removes_only_atomic_leftovers(tmp_path):
+    from fgdistill.io import remove_temporaries
+
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"x" * 10)
+    (tmp_path / ".metrics.json.x.tmp").write_text("{")
+    (tmp_path / "last.pt").write_text("keep")
+    (tmp_path / "notes.tmp").write_text("keep: not hidden, not ours")
+    removed = remove_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".last.pt.abc123.tmp", ".metrics.json.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]

@@ -39,3 +39,12 @@ class NonFiniteLossError(NonFiniteError):
 
 class ExportError(FgdistillError):
     """A detector cannot be exported, or its exported file does not compute what it computes."""
+
+
+class StorageError(FgdistillError):
+    """A file could not be written: the disk is full, or the folder is not writable."""
+
+
+class WorkDirError(FgdistillError):
+    """A work dir is in use by another process, holds a finished run, or belongs to another
+    config."""

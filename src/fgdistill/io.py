@@ -7,6 +7,7 @@ one, and two writers never share a temporary file.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -16,9 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from fgdistill.errors import DataError
+from fgdistill.errors import DataError, StorageError
 
-__all__ = ["atomic_write", "atomic_write_text", "read_jsonl", "write_json"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "is_disk_full",
+    "read_jsonl",
+    "remove_temporaries",
+    "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +57,52 @@ def atomic_write(
         # mkstemp makes the file readable by its owner only; give it the usual mode
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise StorageError(
+                f"{path}: No space left on device (writing {path.name}); free some space "
+                "and run again"
+            ) from None
         raise
     if fsync:
         _fsync_dir(path.parent)
     return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an error of a full disk or quota (``ENOSPC``, ``EDQUOT``), also when wrapped."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` when killed.
+
+    Only ``.NAME.*.tmp`` files directly in ``folder``; call it only while no other process
+    writes there (with the work dir's lock held). Returns the removed files.
+    """
+    removed = []
+    size = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            if tmp.is_file():
+                size += tmp.stat().st_size
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError as exc:  # pragma: no cover - e.g. a read-only folder
+            logger.warning("%s: cannot remove a leftover temporary file (%s)", tmp, exc.strerror)
+    if removed:
+        logger.info(
+            "%s: removed %d temporary file(s) (%.1f MB) left by interrupted writes",
+            folder,
+            len(removed),
+            size / 1e6,
+        )
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -118,7 +118,7 @@ def test_workers_train_the_stages_a_serial_run_reuses(
     assert "--jobs: need at least 1, got 0" in capsys.readouterr().err
 
 
-def _fake_train(cfg: TrainConfig, *, resume: bool, progress: bool) -> SimpleNamespace:
+def _fake_train(cfg: TrainConfig, *, resume: bool, progress: bool, **_: object) -> SimpleNamespace:
     folder = Path(cfg.work_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "last.pt").write_text("checkpoint")

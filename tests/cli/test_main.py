@@ -73,3 +73,27 @@ def test_a_worker_error_in_the_cli_is_one_line(
     monkeypatch.setattr(data_cmds, "generate_synthetic", broken)
     assert main(["synth", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err == "error: val.json: image 3: not an image\n"
+
+
+def test_a_full_disk_is_one_line_not_a_bug_report(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    def full(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "log.jsonl"))
+
+    monkeypatch.setattr(data_cmds, "generate_synthetic", full)
+    assert main(["synth", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: No space left on device ({tmp_path / 'log.jsonl'})")
+    assert "please report" not in err
+
+    # other system errors are still unexpected
+    def other(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(data_cmds, "generate_synthetic", other)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["synth", str(tmp_path / "s")]) == 1
+    assert "please report" in capsys.readouterr().err

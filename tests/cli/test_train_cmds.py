@@ -311,7 +311,11 @@ def test_a_fresh_start_leaves_nothing_of_an_earlier_run_to_resume(
         raise KeyboardInterrupt  # stopped before its first checkpoint
 
     monkeypatch.setattr(trainer_module.Trainer, "train", crash)
-    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 130
+    # refused without --overwrite, naming the files and the flag; nothing is touched
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 2
+    assert (work / "last.pt").read_text() == "an earlier run's"
+    assert not (work / "config.yaml").exists()
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress", "--overwrite"]) == 130
     # --resume now starts fresh instead of continuing the earlier run
     assert sorted(p.name for p in work.iterdir() if p.suffix in (".pt", ".json", ".txt")) == [
         "categories.json",
@@ -320,7 +324,7 @@ def test_a_fresh_start_leaves_nothing_of_an_earlier_run_to_resume(
     # ... but what the run itself reads stays, e.g. weights to start from in the same folder
     shutil.copy(trained / "model.pt", work / "best.pt")
     (work / "last.pt").write_text("an earlier run's")
-    args = ["train", str(cfg), "--work-dir", str(work), "--no-progress"]
+    args = ["train", str(cfg), "--work-dir", str(work), "--no-progress", "--overwrite"]
     assert main([*args, "--set", f"model.weights={work / 'best.pt'}"]) == 130
     assert (work / "best.pt").is_file() and not (work / "last.pt").exists()
 
@@ -400,3 +404,134 @@ def test_a_misspelt_method_key_is_named(
     assert "did you mean 'loss_weight'?" in err
     assert main(["distill", str(cfg), "--set", "distill.method=kd"]) == 2
     assert "distill.method" in capsys.readouterr().err
+
+
+# -- what survives what ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_run(synth_dataset: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished one-iteration run; returns its command line and work dir."""
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    work = tmp_path / "run"
+    base = ["train", str(cfg), "--work-dir", str(work), "--no-progress", "--set", "max_iters=1"]
+    assert main(base) == 0
+    return base, work
+
+
+def _evals(work: Path) -> list[int]:
+    records = [json.loads(x) for x in (work / "log.jsonl").read_text().splitlines()]
+    return [r["iter"] for r in records if r["type"] == "eval"]
+
+
+def test_a_finished_run_survives_failed_starts_and_resumes(
+    short_run: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fgdistill.engine.workdir import lock_work_dir
+
+    base, work = short_run
+    config = (work / "config.yaml").read_bytes()
+    weights = (work / "model.pt").read_bytes()
+    capsys.readouterr()
+    # a fresh start over it
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run (last.pt, best.pt, model.pt)" in err and "--overwrite" in err
+    # a failed start: a bad backbone, a bad teacher
+    assert main([*base, "--set", "model.backbone=resnet7", "--overwrite"]) == 2
+    assert "resnet7" in capsys.readouterr().err
+    # a resume with a changed config
+    assert main([*base, "--resume", "--set", "optim.lr=0.02", "--set", "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.01 -> 0.02; seed: 0 -> 3" in err and "--allow-config-change" in err
+    # another process holding the work dir
+    with lock_work_dir(work, "train"):
+        assert main([*base, "--resume"]) == 2
+    assert "in use by another fgdistill process" in capsys.readouterr().err
+    assert (work / "config.yaml").read_bytes() == config
+    assert (work / "model.pt").read_bytes() == weights
+    # what does not alter the run is accepted; resuming a finished run evaluates nothing again
+    (work / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    for _ in range(2):
+        assert main([*base, "--resume", "--set", "log_interval=7"]) == 0
+    assert _evals(work) == [1]
+    assert not list(work.glob(".*.tmp"))
+    assert (work / "model.pt").read_bytes() == weights
+    # allowed on request, and the optimizer may change too
+    allow = ["--resume", "--allow-config-change", "--set", "max_iters=2"]
+    assert main([*base, *allow, "--set", "optim.optimizer=adamw"]) == 0
+    assert load_checkpoint(work / "last.pt")["iter"] == 2
+
+
+def test_a_failing_evaluation_keeps_the_trained_model(
+    synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgdistill.engine import runner
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Expected more than 1 value per channel when training")
+
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    work = tmp_path / "run"
+    base = ["train", str(cfg), "--work-dir", str(work), "--no-progress", "--set", "max_iters=1"]
+    monkeypatch.setattr(runner, "evaluate_model", broken)
+    assert main(base) == 1
+    assert load_checkpoint(work / "last.pt")["iter"] == 1
+    trained_weights = torch.load(work / "model.pt", weights_only=True)
+    assert (work / "model.yaml").is_file() and (work / "config.yaml").is_file()
+    monkeypatch.undo()
+    assert main([*base, "--resume"]) == 0  # evaluates what was trained, trains nothing more
+    assert _evals(work) == [1]
+    after = torch.load(work / "model.pt", weights_only=True)
+    assert all(torch.equal(v, after[k]) for k, v in trained_weights.items())
+
+
+def test_bad_images_are_found_before_training_all_at_once(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synth_dataset, root)
+    bad_val = sorted((root / "val").glob("*.png"))[0]
+    bad_val.write_bytes(b"")
+    bad_train = sorted((root / "train").glob("*.png"))[1]
+    bad_train.write_bytes(b"GIF89a but no more")
+    cfg = write_config(tmp_path / "tiny.yaml", root)
+    work = tmp_path / "run"
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad_train}: image does not decode" in err
+    assert "1 bad image file(s) in the training set" in err
+    assert not (work / "config.yaml").exists() and not (work / "last.pt").exists()
+    bad_train.write_bytes((root / "train" / "000000.png").read_bytes())
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad_val}: image file is empty (0 bytes)" in err and "validation set" in err
+
+
+def test_an_infinite_learning_rate_is_refused(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "tiny.yaml", synth_dataset)
+    for value, expected in (
+        (".inf", "--set optim.lr: must be a finite number, got inf"),
+        ("1e39", "--set optim.lr: 1e+39 is beyond the float32 range"),
+    ):
+        args = ["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--set", f"optim.lr={value}"]
+        assert main(args) == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_predict_refuses_an_out_file_and_a_too_thin_image(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "thin.png"
+    Image.new("RGB", (5000, 1), "white").save(image)
+    out_file = tmp_path / "out.txt"
+    out_file.write_text("not a folder")
+    ckpt = str(trained / "model.pt")
+    assert main(["predict", "--checkpoint", ckpt, str(image), "--out", str(out_file)]) == 2
+    assert "--out " + str(out_file) + ": is a file, not a folder" in capsys.readouterr().err
+    args = ["predict", "--checkpoint", ckpt, str(image), "--out", str(tmp_path / "p")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "thin.png: image is 5000x1" in err and "under 1 px" in err

@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from fgdistill.data.check import check_dataset
+from fgdistill.data.check import check_dataset, check_image_files
 
 
 def test_clean_dataset_report(synth_dataset: Path) -> None:
@@ -98,3 +99,51 @@ def test_the_report_counts_what_the_dataset_keeps(synth_dataset: Path, tmp_path:
     assert sum(report.size_counts.values()) == kept
     # the image kept no box: the training set leaves it out, and the report counts it
     assert report.images_without_annotations == 1 == report.num_images - len(dataset)
+
+
+def test_every_unreadable_image_is_listed_whatever_the_decoder_raises(
+    synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image_dir = tmp_path / "val"
+    shutil.copytree(synth_dataset / "val", image_dir)
+    ann = synth_dataset / "annotations" / "instances_val.json"
+    names = sorted(p.name for p in image_dir.iterdir())
+    (image_dir / names[0]).write_bytes(b"")  # zero bytes
+    data = (image_dir / names[1]).read_bytes()
+    (image_dir / names[1]).write_bytes(data[: len(data) // 2])  # truncated
+    report = check_dataset(ann, image_dir)
+    errors = [p.message for p in report.errors]
+    assert len(errors) == 2, errors
+    assert f"{names[0]}: image file is empty (0 bytes)" in errors[0]
+    assert f"{names[1]}: image does not decode" in errors[1]
+    # a decoder error that is not an OSError (here PIL's DecompressionBombError) stops nothing
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    errors = [p.message for p in check_dataset(ann, image_dir).errors]
+    assert len(errors) == len(names), errors
+    assert sum("DecompressionBombError" in m for m in errors) == len(names) - 1  # not the empty one
+
+
+def test_check_image_files_lists_every_bad_file_at_once(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    from fgdistill.data.coco import CocoDetection
+    from fgdistill.errors import DataError
+
+    image_dir = tmp_path / "val"
+    shutil.copytree(synth_dataset / "val", image_dir)
+    ann = synth_dataset / "annotations" / "instances_val.json"
+    dataset = CocoDetection(ann, image_dir, train=False)
+    check_image_files(dataset, split="validation")  # all fine
+    names = sorted(p.name for p in image_dir.iterdir())
+    (image_dir / names[0]).write_bytes(b"")
+    (image_dir / names[1]).unlink()
+    (image_dir / names[2]).write_bytes(b"not an image")
+    Image.new("RGB", (95, 96)).save(image_dir / names[3])
+    with pytest.raises(DataError) as info:
+        check_image_files(dataset, split="validation")
+    message = str(info.value)
+    assert message.startswith("4 bad image file(s) in the validation set")
+    assert f"{names[0]}: image file is empty (0 bytes)" in message
+    assert f"{names[1]}: image file not found" in message
+    assert f"{names[2]}: image does not decode" in message
+    assert f"{names[3]}: image is 95x96 but the annotations say 96x96" in message

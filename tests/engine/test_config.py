@@ -150,3 +150,71 @@ def test_packaged_configs_are_valid() -> None:
             one_x = path.stem in ("cwd_retinanet_r101_r50", "pkd_fcos_x101_retinanet_r50")
             assert schedule == ((12, [8, 11]) if one_x else (24, [16, 22])), path
             assert cfg.optim.grad_clip == 35.0 and cfg.optim.base_batch_size == 16, path
+
+
+# -- strictness ----------------------------------------------------------------------------------
+
+
+def test_empty_yaml_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty"):
+        load_config(path)
+
+
+def test_duplicate_yaml_keys_name_the_key_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\noptim:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(
+        ConfigError, match=r"dup\.yaml: duplicate key 'lr' on line 5 \(first on line 3\)"
+    ):
+        load_config(path)
+    # a merge key may be overridden: not a duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data: &d\n  batch_size: 3\n  num_workers: 0\noptim: {lr: 0.1}\n")
+    assert load_config(merged).data.batch_size == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        ({"optim": {"milestones": [-1, 2]}}, r"optim\.milestones: epochs must be positive"),
+        ({"optim": {"milestones": [3, 3]}}, r"optim\.milestones: must be increasing, each above"),
+        ({"model": {"min_size": 900, "max_size": 800}}, r"model\.min_size: 900 is above"),
+        (
+            {"distill": {"teacher": {"min_size": 64, "max_size": 32}}},
+            r"distill\.teacher\.min_size: 64 is above",
+        ),
+        ({"optim": {"lr": float("inf")}}, r"optim\.lr: must be a finite number, got inf"),
+        ({"optim": {"lr": float("nan")}}, r"optim\.lr: must be a finite number"),
+        ({"optim": {"lr": 1e39}}, r"optim\.lr: 1e\+39 is beyond the float32 range"),
+        ({"optim": {"lr": 10**400}}, r"optim\.lr: must be a finite number"),
+        ({"optim": {"lr": "1e999"}}, r"optim\.lr: must be a finite number"),
+    ],
+)
+def test_relations_and_non_finite_numbers_are_refused(data: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(data)
+
+
+def test_yaml_inf_learning_rate_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: optim\.lr: must be a finite number"):
+        load_config(path)
+
+
+def test_errors_in_set_values_are_labelled_with_the_override(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"^--set optim\.lr: must be positive") as info:
+        load_config(path, ["optim.lr=-1"])
+    assert "cfg.yaml" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^--set model\.backbone: expected str"):
+        load_config(path, ["model.backbone=3"])
+    with pytest.raises(ConfigError, match=r"^--set optim\.milestones"):
+        load_config(path, ["optim.milestones=[5,2]"])
+    # an error in the file itself still names the file, even with unrelated overrides
+    path.write_text("optim:\n  lr: -0.02\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: optim\.lr: must be positive"):
+        load_config(path, ["seed=3"])

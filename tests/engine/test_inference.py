@@ -60,3 +60,25 @@ def test_category_lists_must_agree() -> None:
     both = r"only in train.json: 3 'bird'; only in v.json: 3 'crow'"
     with pytest.raises(ConfigError, match=both):
         check_same_categories(train, "train.json", renamed, "v.json")
+
+
+def test_evaluation_leaves_out_background_detections(synth_dataset: Path) -> None:
+    from fgdistill.data.coco import CocoDetection
+    from fgdistill.engine.inference import evaluate_model
+
+    dataset = CocoDetection(
+        synth_dataset / "annotations" / "instances_val.json", synth_dataset / "val", train=False
+    )
+
+    class Guesser(torch.nn.Module):
+        """Detects one box labelled 0 (the background slot) and one of class 1 per image."""
+
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            box = torch.tensor([[1.0, 1.0, 30.0, 30.0], [2.0, 2.0, 20.0, 20.0]])
+            return [
+                {"boxes": box, "labels": torch.tensor([0, 1]), "scores": torch.tensor([0.9, 0.5])}
+                for _ in images
+            ]
+
+    metrics = evaluate_model(Guesser(), dataset, batch_size=3, progress=False)
+    assert set(metrics) == {"bbox"} and "AP" in metrics["bbox"]  # label 0 was an error

@@ -256,3 +256,149 @@ def test_hook_order_and_calls(tmp_path: Path) -> None:
     trainer.register(Recorder())
     trainer.train()
     assert calls == ["bt", "ae1", "at"]
+
+
+# -- what survives what ---------------------------------------------------------------------------
+
+
+def _with_eval(
+    tmp_path: Path, eval_fn: Any, **kwargs: Any
+) -> tuple[Trainer, CheckpointHook, EvalHook, LoggerHook]:
+    trainer, _, ckpt_hook = make_trainer(tmp_path, **kwargs)
+    log_hook = next(h for h in trainer.hooks if isinstance(h, LoggerHook))
+    hook = EvalHook(
+        eval_fn,
+        interval=1,
+        checkpoint_hook=ckpt_hook,
+        on_result=log_hook.log_eval,
+        previous=log_hook.logged_eval,
+    )
+    trainer.hooks.insert(2, hook)  # before the checkpoint hook, as the runner orders them
+    hook.trainer = trainer
+    return trainer, ckpt_hook, hook, log_hook
+
+
+def test_last_pt_is_written_before_each_evaluation(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def eval_fn() -> dict[str, dict[str, float]]:
+        seen.append(load_checkpoint(tmp_path / "last.pt")["iter"])
+        return {"bbox": {"AP": float(len(seen))}}  # improves every time
+
+    trainer, _, _, _ = _with_eval(tmp_path, eval_fn)
+    trainer.train()
+    assert seen == [3, 6, 9]
+    # re-written after an improving evaluation: it carries the best metric for a resume
+    assert load_checkpoint(tmp_path / "last.pt")["best_metric"] == 3.0
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_weights(tmp_path: Path) -> None:
+    exported: list[int] = []
+
+    def eval_fn() -> dict[str, dict[str, float]]:
+        if len(exported):
+            raise RuntimeError("Expected more than 1 value per channel")
+        return {"bbox": {"AP": 1.0}}
+
+    trainer, ckpt_hook, _, _ = _with_eval(tmp_path, eval_fn, max_iters=5)
+    ckpt_hook.on_finished = lambda: exported.append(trainer.iter)
+    with pytest.raises(RuntimeError, match="more than 1 value"):
+        trainer.train()
+    assert exported == [5]  # the trained weights were written before the evaluation
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 5
+
+
+def test_a_failing_mid_run_evaluation_saves_last_pt(tmp_path: Path) -> None:
+    def eval_fn() -> dict[str, dict[str, float]]:
+        raise OSError("a bad validation image")
+
+    trainer, ckpt_hook, _, _ = _with_eval(tmp_path, eval_fn)
+    ckpt_hook.interval = 0  # no periodic checkpoints: only the one the failure writes
+    with pytest.raises(OSError, match="bad validation image"):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 3
+
+
+def test_resuming_a_finished_run_does_not_evaluate_or_log_again(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def eval_fn() -> dict[str, dict[str, float]]:
+        calls.append(1)
+        return {"bbox": {"AP": 5.0}}
+
+    first, _, _, _ = _with_eval(tmp_path, eval_fn, max_iters=4)
+    first.train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    for _ in range(2):
+        again, _, hook, _ = _with_eval(tmp_path, eval_fn, max_iters=4)
+        again.load_state_dict(ckpt)
+        again.train()
+        assert hook.results == {"bbox": {"AP": 5.0}}
+    assert len(calls) == 2  # epoch 1 and the end of the first run, never again
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [r["iter"] for r in records if r["type"] == "eval"]
+    assert evals == [3, 4]
+
+
+class PoisonHook(HookBase):
+    """Makes a weight NaN after a given step, as an infinite learning rate would."""
+
+    def __init__(self, model: nn.Module, at: int) -> None:
+        self.model, self.at = model, at
+
+    def after_step(self) -> None:
+        if self.trainer.iter == self.at:
+            with torch.no_grad():
+                self.model.head.weight[0, 0] = float("nan")  # type: ignore[index]
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
+    trainer, model, _ = make_trainer(tmp_path)
+    trainer.hooks.insert(0, PoisonHook(model, at=6))
+    trainer.hooks[0].trainer = trainer
+    with pytest.raises(NonFiniteLossError, match=r"iteration 6.*last\.pt, iteration 3\) is kept"):
+        trainer.train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iter"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_weights_before_any_checkpoint_write_nothing(tmp_path: Path) -> None:
+    trainer, model, _ = make_trainer(tmp_path, max_iters=1)
+    trainer.hooks.insert(0, PoisonHook(model, at=1))
+    trainer.hooks[0].trainer = trainer
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+        trainer.train()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_bad_batch_saves_the_iterations_done(tmp_path: Path) -> None:
+    from fgdistill.errors import DataError
+
+    trainer, _, ckpt_hook = make_trainer(tmp_path)
+    ckpt_hook.interval = 0
+    good = trainer.loader_fn
+
+    def loader_fn(epoch: int) -> Any:
+        for i, batch in enumerate(good(epoch)):
+            if epoch == 1 and i == 1:
+                raise DataError("img.png: image does not decode")
+            yield batch
+
+    trainer.loader_fn = loader_fn
+    with pytest.raises(DataError, match=r"img\.png"):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 4
+
+
+def test_resuming_with_another_optimizer_is_a_checkpoint_error(tmp_path: Path) -> None:
+    first, model, _ = make_trainer(tmp_path, max_iters=2)
+    first.train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    resumed, model, _ = make_trainer(tmp_path)
+    resumed.optimizer = build_optimizer(model.parameters(), name="adamw", lr=0.1)
+    with pytest.raises(CheckpointError, match=r"not of a AdamW \(it has no 'betas'"):
+        resumed.load_state_dict(ckpt)
+    ckpt["optimizer"] = None  # what the runner passes when the change is allowed
+    resumed.load_state_dict(ckpt)
+    assert resumed.iter == 2

@@ -279,3 +279,45 @@ def test_torchvision_weights_fail_offline_with_a_clear_message(
     # nothing is downloaded unless a weights name is given
     build_detector("retinanet", **TINY)
     assert len(calls) == 2
+
+
+def test_group_norm_heads_take_one_image_on_a_1x1_map() -> None:
+    # fpn_channels=32: GroupNorm(32, 32), one channel per group; at 64 px p7 is 1x1
+    torch.manual_seed(0)
+    model = build_detector(
+        arch="retinanet",
+        backbone="resnet18",
+        num_classes=3,
+        fpn_channels=32,
+        min_size=64,
+        max_size=64,
+        head_norm="group",
+        anchor_sizes=[8, 16, 32, 64, 128],
+    ).eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        alone = model(images[:1])[0]  # raised "Expected more than 1 value per channel"
+        batched = model(images)[0]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.allclose(alone[key].float(), batched[key].float(), atol=1e-5), key
+    # the same parameters as nn.GroupNorm: checkpoints load either way
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(set(dict(m.named_parameters())) == {"weight", "bias"} for m in norms)
+
+
+def test_a_state_dict_of_another_arch_is_a_checkpoint_error_with_shapes() -> None:
+    kwargs: dict[str, Any] = {
+        "backbone": "resnet18",
+        "num_classes": 3,
+        "fpn_channels": 32,
+        "min_size": 64,
+        "max_size": 64,
+    }
+    retina = build_detector(arch="retinanet", **kwargs)
+    fcos = build_detector(arch="fcos", **kwargs)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_checked(retina, fcos.state_dict(), source="fcos.pt")
+    message = str(info.value)
+    assert message.startswith("weights from fcos.pt do not fit RetinaNet:")
+    assert "wrong shape" in message and "[32, 32, 3, 3]" in message
+    assert "size mismatch" not in message  # not torch's raw dump

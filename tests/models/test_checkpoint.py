@@ -65,3 +65,28 @@ def test_the_spec_is_found_inside_then_beside(tmp_path: Path) -> None:
     assert find_model_spec(weights, {}) == {"arch": "fcos", "num_classes": 3, "score_thresh": 0.1}
     save_model_spec({"arch": "retinanet", "anchor_sizes": (8, 16)}, tmp_path / "model.yaml")
     assert find_model_spec(weights) == {"arch": "retinanet", "anchor_sizes": [8, 16]}
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_an_unsafe_checkpoint_is_refused_without_advice_to_load_it_unsafely(
+    tmp_path: Path,
+) -> None:
+    for name, obj in (
+        ("code.pt", {"x": _RunsCode()}),
+        ("module.pt", {"net": torch.nn.Linear(1, 1)}),
+    ):
+        path = tmp_path / name
+        torch.save(obj, path)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: cannot read checkpoint")
+        assert "weights_only" not in message and "safe_globals" not in message, message
+        assert "trust" not in message and "\x1b" not in message
+        assert "GLOBAL" in message  # the reason stays

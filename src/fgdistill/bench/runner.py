@@ -254,8 +254,9 @@ def _train(stage: Stage, *, train_fn: Callable[..., Any], progress: bool, say: S
     record = StageRecord(stage.fingerprint, model, {}, 0.0, 0, complete=False)
     _write_record(folder, record)
     t0 = time.perf_counter()
-    # train() fills in e.g. num_classes; keep the config the fingerprint was taken from
-    out = train_fn(copy.deepcopy(cfg), resume=resume, progress=progress)
+    # train() fills in e.g. num_classes; keep the config the fingerprint was taken from. The
+    # fingerprint vouches for a resumed stage's config; only its paths may have moved.
+    out = train_fn(copy.deepcopy(cfg), resume=resume, progress=progress, allow_config_change=True)
     wall = time.perf_counter() - t0
     if resume:  # the trainer's clock also counts the earlier attempts' training
         wall = max(wall, float(getattr(out, "wall_time", 0.0)))

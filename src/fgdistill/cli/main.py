@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from fgdistill.errors import FgdistillError
+from fgdistill.io import is_disk_full
 
 # Modules that add sub-commands, in the order they appear in ``--help``.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -62,23 +63,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FgdistillError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (
+        FgdistillError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    ) as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_disk_full(exc):
+            return _unexpected(exc, verbose=args.verbose)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(
+            f"error: No space left on device{where}; free some space and run again",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the last resort: no bare traceback unless asked for
-        if args.verbose:
-            traceback.print_exc()
-        where = _save_traceback()
-        print(
-            f"error: unexpected {type(exc).__name__}: {user_message(exc)}\n"
-            f"(not an input error fgdistill knows of; the traceback is in {where}: "
-            "please report it if it looks like a bug)",
-            file=sys.stderr,
-        )
-        return 1
+        return _unexpected(exc, verbose=args.verbose)
+
+
+def _unexpected(exc: BaseException, *, verbose: bool) -> int:
+    """Report an error fgdistill does not know of (traceback to a file); exit code 1."""
+    if verbose:
+        traceback.print_exc()
+    where = _save_traceback()
+    print(
+        f"error: unexpected {type(exc).__name__}: {user_message(exc)}\n"
+        f"(not an input error fgdistill knows of; the traceback is in {where}: "
+        "please report it if it looks like a bug)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _save_traceback() -> str:

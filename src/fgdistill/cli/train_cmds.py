@@ -76,6 +76,18 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             "--list-configs", action="store_true", help="list the packaged configs and exit"
         )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start afresh even if WORK_DIR holds an earlier run (its checkpoints and "
+            "weights are deleted)",
+        )
+        p.add_argument(
+            "--allow-config-change",
+            action="store_true",
+            help="with --resume: continue even though the config changes the run (model, "
+            "data, optimizer, schedule, seed)",
+        )
         if name == "distill":
             p.add_argument("--teacher", default=None, help="teacher checkpoint (overrides config)")
         _add_common(p, work_dir_help="output folder (default: the config's work_dir)")
@@ -155,7 +167,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{args.config}: has a 'distill' section; run it with `fgdistill distill`"
         )
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
     finally:
         cleanup()
     if _rank0():
@@ -177,7 +195,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.teacher:
         cfg.distill.teacher_checkpoint = args.teacher
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
     finally:
         cleanup()
     if _rank0():
@@ -207,6 +231,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from fgdistill.engine.inference import predict
 
     out = args.out or args.work_dir or Path("predictions")
+    if Path(out).exists() and not Path(out).is_dir():
+        flag = "--out" if args.out else "--work-dir"
+        raise ConfigError(f"{flag} {out}: is a file, not a folder; name a folder for the outputs")
     extra: dict[str, Any] = {}
     from fgdistill.engine.config import parse_override
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from fgdistill.data.coco import (
     MIN_BOX_SIZE,
@@ -19,7 +22,13 @@ from fgdistill.data.coco import (
 from fgdistill.data.images import read_image
 from fgdistill.errors import DataError
 
-__all__ = ["CategoryCount", "DatasetReport", "check_dataset"]
+__all__ = [
+    "CategoryCount",
+    "DatasetReport",
+    "check_dataset",
+    "check_image_files",
+    "image_header_problem",
+]
 
 # COCO's area ranges (pixels of the annotation's ``area``).
 SMALL_MAX = 32**2
@@ -151,9 +160,65 @@ def check_dataset(
         report.problems.append(Problem("error", f"{image_dir}: image folder not found"))
     elif check_images:
         for img in index.images:
+            path = root / img.file_name
             try:
-                read_image(root / img.file_name, expected_size=(img.width, img.height))
+                read_image(path, expected_size=(img.width, img.height))
             except DataError as exc:
                 report.problems.append(Problem("error", f"{exc} (images[{img.index}] id {img.id})"))
+            except Exception as exc:  # anything a decoder raises: report it, check the rest
+                report.problems.append(
+                    Problem(
+                        "error",
+                        f"{path}: image does not decode ({type(exc).__name__}: {exc}) "
+                        f"(images[{img.index}] id {img.id})",
+                    )
+                )
             report.images_checked += 1
     return report
+
+
+def image_header_problem(path: Path, expected_size: tuple[int, int] | None = None) -> str | None:
+    """What is wrong with an image file, judged cheaply (it exists, is not empty, its header
+    decodes and gives the expected ``(width, height)``); ``None`` when nothing is."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"{path}: image file not found"
+    if not path.is_file():
+        return f"{path}: not a file"
+    if size == 0:
+        return f"{path}: image file is empty (0 bytes)"
+    try:
+        with Image.open(path) as img:
+            got = img.size
+    except Exception as exc:  # PIL raises many types for bad headers
+        return f"{path}: image does not decode ({type(exc).__name__}: {exc})"
+    if expected_size is not None and got != expected_size:
+        return (
+            f"{path}: image is {got[0]}x{got[1]} but the annotations say "
+            f"{expected_size[0]}x{expected_size[1]} (width x height)"
+        )
+    return None
+
+
+def check_image_files(dataset: Any, *, split: str = "") -> None:
+    """Check every image of a :class:`~fgdistill.data.coco.CocoDetection` cheaply (see
+    :func:`image_header_problem`) before a run reads them; every bad file is listed at once.
+
+    Raises:
+        DataError: naming the split, how many files are bad and each of them (up to 20).
+    """
+    records = [dataset.image_info(i) for i in range(len(dataset))]
+    root = Path(dataset.image_dir)
+    problems = []
+    for rec in records:
+        problem = image_header_problem(root / rec.file_name, (rec.width, rec.height))
+        if problem is not None:
+            problems.append(f"{problem} (images[{rec.index}] id {rec.id})")
+    if problems:
+        label = f"{split} " if split else ""
+        shown = "; ".join(problems[:20])
+        more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(
+            f"{len(problems)} bad image file(s) in the {label}set {dataset.ann_file}: {shown}{more}"
+        )

@@ -33,12 +33,18 @@ def read_image(path: str | Path, *, expected_size: tuple[int, int] | None = None
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: image file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
             img.load()
             rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: image does not decode ({exc})") from None
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # decoders raise other types too (zlib.error, struct.error, ...)
+        raise DataError(f"{path}: image does not decode ({type(exc).__name__}: {exc})") from None
     if expected_size is not None and rgb.size != expected_size:
         raise DataError(
             f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but the annotations say "

@@ -19,8 +19,11 @@ machine with COCO, pointing ``data.root`` at it is all a user changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import itertools
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -311,17 +314,37 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as a number.
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+        elif isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as a number.
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            return _finite_float(number, key)
     elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+#: the largest magnitude a float setting may have: training computes in float32
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite_float(value: float, key: str) -> float:
+    """``value`` if finite and within float32's range; else ConfigError naming ``key``."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(
+            f"{key}: {value!r} is beyond the float32 range training computes in "
+            f"(at most {FLOAT32_MAX:.4g})"
+        )
+    return value
 
 
 def _describe(value: Any) -> str:
@@ -379,9 +402,28 @@ def config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a mapping at the top level, got {_describe(data)}")
     cfg = typing.cast(TrainConfig, from_mapping(TrainConfig, data, ""))
-    if cfg.optim.milestones != sorted(cfg.optim.milestones):
-        raise ConfigError(f"optim.milestones: must be increasing, got {cfg.optim.milestones}")
+    _check_relations(cfg)
     return cfg
+
+
+def _check_relations(cfg: TrainConfig) -> None:
+    """Checks between fields: milestones positive and increasing, ``min_size <= max_size``."""
+    milestones = cfg.optim.milestones
+    bad = [m for m in milestones if m < 1]
+    if bad:
+        raise ConfigError(f"optim.milestones: epochs must be positive, got {milestones}")
+    if any(b <= a for a, b in itertools.pairwise(milestones)):
+        raise ConfigError(
+            f"optim.milestones: must be increasing, each above the one before, got {milestones}"
+        )
+    models = [("model", cfg.model)]
+    if cfg.distill is not None:
+        models.append(("distill.teacher", cfg.distill.teacher))
+    for prefix, m in models:
+        if m.min_size > m.max_size:
+            raise ConfigError(
+                f"{prefix}.min_size: {m.min_size} is above {prefix}.max_size ({m.max_size})"
+            )
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -437,17 +479,48 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file holds a key twice."""
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": its keys may be overridden
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != line:
+                raise DuplicateKeyError(
+                    f"duplicate key {key!r} on line {line} (first on line {first}); YAML would "
+                    "silently keep the last value"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with :func:`yaml.safe_load`; errors name the file."""
+    """Read a YAML mapping safely (no Python tags); errors name the file.
+
+    An empty file and a key given twice in one mapping are errors, not silent defaults.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictSafeLoader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the config file is empty (no settings at all)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {_describe(data)}")
     return data
@@ -466,13 +539,34 @@ def load_config(
     data: dict[str, Any] = _deep_copy(base) if base is not None else {}
     if path is not None:
         data.update(read_yaml(path))
+    overrides = list(overrides)
     data = apply_overrides(data, overrides)
     try:
         return config_from_dict(data)
     except ConfigError as exc:
+        culprit = _override_at_fault(str(exc), overrides)
+        if culprit is not None:
+            raise ConfigError(f"--set {exc}") from None
         if path is None:
             raise
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _override_at_fault(message: str, overrides: Iterable[str]) -> str | None:
+    """The ``--set`` key that an error message's leading dotted key comes from, if any.
+
+    Validation messages start with the dotted key they are about (``optim.lr: ...``,
+    ``optim.milestones[0]: ...``); an override of that key, of a section holding it, or of a key
+    inside it is at fault.
+    """
+    head = message.split(":", 1)[0].split("[", 1)[0].strip()
+    if not head or " " in head:
+        return None
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key == head or head.startswith(key + ".") or key.startswith(head + "."):
+            return key
+    return None
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:

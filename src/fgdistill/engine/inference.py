@@ -8,8 +8,10 @@ detector's category list is checked against a dataset's by :func:`check_same_cat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from fgdistill.data.images import read_image
 from fgdistill.engine import distributed as du
 from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config
 from fgdistill.engine.trainer import move_batch
-from fgdistill.errors import ConfigError
+from fgdistill.errors import ConfigError, DataError
 from fgdistill.io import write_json
 from fgdistill.models import load_detector
 from fgdistill.models.checkpoint import load_checkpoint
@@ -169,7 +171,9 @@ def evaluate_model(
             images, targets = move_batch(batch, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 outputs = model(images)
-            outputs = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
+            outputs = [
+                _without_background({k: v.float().cpu() for k, v in o.items()}) for o in outputs
+            ]
             targets = [
                 {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
                 for t in targets
@@ -185,6 +189,21 @@ def evaluate_model(
     return {task: {k: float(v) for k, v in vals.items()} for task, vals in results.items()}
 
 
+def _without_background(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detector's output without detections labelled 0, the background.
+
+    RetinaNet and FCOS score every class slot, background included; it is never a target, so
+    its score is low once trained, but an early or diverged model can still return it. It is
+    no category, and the evaluator refuses it.
+    """
+    labels = output.get("labels")
+    if labels is None or not len(labels) or bool((labels > 0).all()):
+        return output
+    keep = labels > 0
+    n = len(labels)
+    return {k: (v[keep] if v.dim() and v.shape[0] == n else v) for k, v in output.items()}
+
+
 def evaluate_checkpoint(
     cfg: TrainConfig,
     checkpoint: str | Path,
@@ -198,6 +217,17 @@ def evaluate_checkpoint(
     The detector is rebuilt from the checkpoint's own spec (``model_spec`` inside it or
     ``model.yaml`` / ``config.yaml`` beside it), falling back to ``cfg.model``.
     """
+    from fgdistill.engine.workdir import lock_work_dir
+
+    work_dir = Path(cfg.work_dir)
+    guard = lock_work_dir(work_dir, "eval") if du.is_main() else contextlib.nullcontext()
+    with guard:
+        return _evaluate_checkpoint(cfg, checkpoint, progress=progress)
+
+
+def _evaluate_checkpoint(
+    cfg: TrainConfig, checkpoint: str | Path, *, progress: bool
+) -> dict[str, dict[str, float]]:
     device = du.init_from_env(cfg.device)
     _, val_ds = build_datasets(cfg, train=False)
     trained_on = load_categories(checkpoint, load_checkpoint(checkpoint))
@@ -238,6 +268,27 @@ def evaluate_checkpoint(
             },
         )
     return metrics
+
+
+def _check_resizable(path: Path, picture: torch.Tensor, model: nn.Module) -> None:
+    """Raise DataError when the detector's resize would leave an image under 1 px on a side.
+
+    torchvision scales an image so that its short side is ``min_size`` unless its long side
+    would pass ``max_size``; a 1x5000 image scaled to 64 px long is 0 px high.
+    """
+    transform = getattr(model, "transform", None)
+    if transform is None or not hasattr(transform, "min_size"):
+        return
+    height, width = (int(v) for v in picture.shape[-2:])
+    min_size = float(transform.min_size[-1])
+    max_size = float(transform.max_size)
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    if math.floor(height * scale) < 1 or math.floor(width * scale) < 1:
+        raise DataError(
+            f"{path}: image is {width}x{height} (width x height): resized to at most "
+            f"{max_size:g} px on its long side it would be under 1 px on its short side; "
+            "crop or pad it to a less extreme aspect ratio"
+        )
 
 
 @dataclass
@@ -281,6 +332,8 @@ def predict(
     else:
         dev = torch.device(device)
     model = load_detector(checkpoint).to(dev)
+    for path, picture in zip(paths, pictures, strict=True):
+        _check_resizable(path, picture, model)
     categories = load_categories(checkpoint, load_checkpoint(checkpoint))
     names = [c["name"] for c in categories] if categories else None
 

@@ -20,6 +20,7 @@ A training work dir holds (see ``docs/outputs.md``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -30,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fgdistill.data.check import check_image_files
 from fgdistill.engine import distributed as du
 from fgdistill.engine.checkpoint import save_checkpoint
-from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config
+from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config, load_config
 from fgdistill.engine.inference import (
     build_datasets,
     check_same_categories,
@@ -52,8 +54,9 @@ from fgdistill.engine.trainer import (
     epoch_seed,
     seed_everything,
 )
-from fgdistill.errors import CheckpointError, ConfigError
-from fgdistill.io import write_json
+from fgdistill.engine.workdir import check_fresh_start, check_resume_config, lock_work_dir
+from fgdistill.errors import CheckpointError, ConfigError, FgdistillError
+from fgdistill.io import remove_temporaries, write_json
 from fgdistill.models import build_detector, load_state_dict_checked, model_spec
 from fgdistill.models.checkpoint import load_checkpoint, save_model_spec, state_dict_of
 
@@ -131,8 +134,15 @@ def train(
     resume: bool = False,
     progress: bool = True,
     extra_hooks: Sequence[HookBase] = (),
+    overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> RunResult:
     """Train a detector, or distil a student when ``cfg.distill`` is set.
+
+    The work dir is locked for the whole run (:func:`~fgdistill.engine.workdir.lock_work_dir`).
+    A fresh start over an earlier run's checkpoints or weights is refused unless ``overwrite``;
+    a resume whose config alters the run (model, data, optimizer, schedule, seed) is refused
+    unless ``allow_config_change``. Every image is checked cheaply before training starts.
 
     Writes the work dir described in this module's docstring. With ``resume=True`` and a
     ``last.pt`` in the work dir, training continues from it (same final weights as an
@@ -150,11 +160,47 @@ def train(
     """
     device = du.init_from_env(cfg.device)
     work_dir = Path(cfg.work_dir)
-    data = prepare_data(cfg)
+    guard = lock_work_dir(work_dir, "train") if du.is_main() else contextlib.nullcontext()
+    with guard:
+        return _train_locked(
+            cfg,
+            device,
+            resume=resume,
+            progress=progress,
+            extra_hooks=extra_hooks,
+            overwrite=overwrite,
+            allow_config_change=allow_config_change,
+        )
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    resume: bool,
+    progress: bool,
+    extra_hooks: Sequence[HookBase],
+    overwrite: bool,
+    allow_config_change: bool,
+) -> RunResult:
+    work_dir = Path(cfg.work_dir)
     if du.is_main():
-        work_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, work_dir / "config.yaml")
-        write_json(work_dir / "categories.json", data.categories)
+        _remove_temporaries(work_dir)
+    data = prepare_data(cfg)
+    check_image_files(data.train, split="training")
+    check_image_files(data.val, split="validation")
+    resuming = resume and (work_dir / "last.pt").is_file()
+    fresh_optimizer = False
+    if resuming:
+        changes = check_resume_config(
+            _run_config(work_dir),
+            _plain_config(cfg),
+            source=work_dir / "config.yaml",
+            allow=allow_config_change,
+        )
+        fresh_optimizer = any(k == "optim.optimizer" for k, _, _ in changes)
+    else:
+        check_fresh_start(work_dir, overwrite=overwrite, keep=_inputs_of(cfg), resume=resume)
 
     seed_everything(cfg.seed)
     built = build_trainable(cfg, data.num_classes)
@@ -179,7 +225,10 @@ def train(
         seed=cfg.seed,
         hooks=hooks,
     )
-    _start(trainer, cfg, built, resume=resume, device=device)
+    _start(trainer, cfg, built, resume=resume, device=device, fresh_optimizer=fresh_optimizer)
+    if du.is_main():  # the run has really started: its config goes beside its outputs
+        dump_config(cfg, work_dir / "config.yaml")
+        write_json(work_dir / "categories.json", data.categories)
     if trainer.finished:
         logger.info("%s: already finished (%d iterations)", work_dir, trainer.iter)
     trainer.train()
@@ -390,9 +439,18 @@ def build_hooks(
             description=f"{cfg.name or 'run'} eval",
         )
 
+    def export_fn() -> None:
+        # the trained weights, written with the final last.pt (before the final evaluation)
+        if du.is_main():
+            _export_weights(cfg, built)
+
     lr_hook = LRScheduleHook(schedule)
     ckpt_hook = CheckpointHook(
-        work_dir, state_fn, interval=cfg.checkpoint_interval, every_iters=cfg.checkpoint_iters
+        work_dir,
+        state_fn,
+        interval=cfg.checkpoint_interval,
+        every_iters=cfg.checkpoint_iters,
+        on_finished=export_fn,
     )
     log_hook = LoggerHook(
         work_dir,
@@ -407,6 +465,7 @@ def build_hooks(
         interval=cfg.eval_interval,
         checkpoint_hook=ckpt_hook,
         on_result=log_hook.log_eval,
+        previous=log_hook.logged_eval,
     )
     hooks: list[HookBase] = [lr_hook]
     if cfg.distill is not None:
@@ -422,13 +481,19 @@ def build_hooks(
 
 
 def _start(
-    trainer: Trainer, cfg: TrainConfig, built: TrainModel, *, resume: bool, device: torch.device
+    trainer: Trainer,
+    cfg: TrainConfig,
+    built: TrainModel,
+    *,
+    resume: bool,
+    device: torch.device,
+    fresh_optimizer: bool = False,
 ) -> None:
     """Resume from ``last.pt`` when asked and there is one; else clear an earlier run's files."""
     work_dir = Path(cfg.work_dir)
     last = work_dir / "last.pt"
     if resume and last.is_file():
-        _resume(trainer, built, last, device)
+        _resume(trainer, built, last, device, fresh_optimizer=fresh_optimizer)
         logger.info("resumed from %s at iteration %d", last, trainer.iter)
     else:
         if resume:
@@ -463,8 +528,8 @@ def _finish(
         "metrics": work_dir / "metrics.json",
     }
     if du.is_main():
-        save_checkpoint(built.student_state(), model_path)
-        save_model_spec(built.spec, work_dir / "model.yaml")
+        if not (model_path.is_file() and (work_dir / "model.yaml").is_file()):
+            _export_weights(cfg, built)
         write_json(
             work_dir / "metrics.json",
             {
@@ -555,7 +620,14 @@ def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
     return _plain(config_to_dict(cfg))
 
 
-def _resume(trainer: Trainer, built: TrainModel, path: Path, device: torch.device) -> None:
+def _resume(
+    trainer: Trainer,
+    built: TrainModel,
+    path: Path,
+    device: torch.device,
+    *,
+    fresh_optimizer: bool = False,
+) -> None:
     ckpt = load_checkpoint(path)
     if built.distilling:
         if "trainable" not in ckpt:
@@ -567,5 +639,32 @@ def _resume(trainer: Trainer, built: TrainModel, path: Path, device: torch.devic
     for key in ("iter", "epoch", "epoch_iter", "optimizer", "rng"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a training checkpoint (no {key!r}); cannot resume")
+    if fresh_optimizer:  # optim.optimizer changed (allowed): the old state does not fit
+        ckpt["optimizer"] = None
     trainer.load_state_dict(ckpt)
     built.trainable.to(device)
+
+
+def _run_config(work_dir: Path) -> dict[str, Any] | None:
+    """The run's own config (``config.yaml`` in its work dir) as plain data, if readable."""
+    path = work_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return _plain_config(load_config(path))
+    except FgdistillError as exc:
+        logger.warning("%s: cannot compare the resumed config with it (%s)", path, exc)
+        return None
+
+
+def _remove_temporaries(work_dir: Path) -> None:
+    """Remove what atomic writes killed mid-way left behind (we hold the work dir's lock)."""
+    if work_dir.is_dir():
+        remove_temporaries(work_dir)
+
+
+def _export_weights(cfg: TrainConfig, built: TrainModel) -> None:
+    """Write ``model.pt`` (``student.pt``) and ``model.yaml``: the trained detector."""
+    work_dir = Path(cfg.work_dir)
+    save_checkpoint(built.student_state(), work_dir / weights_name(cfg))
+    save_model_spec(built.spec, work_dir / "model.yaml")

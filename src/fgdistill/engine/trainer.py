@@ -53,6 +53,7 @@ __all__ = [
     "build_optimizer",
     "epoch_seed",
     "move_batch",
+    "nonfinite_summary",
     "seed_everything",
 ]
 
@@ -106,6 +107,25 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     raise FgdistillError(f"optim.optimizer: expected 'sgd' or 'adamw', got {name!r}")
+
+
+def nonfinite_summary(state: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """``(key, count)`` of the floating-point tensors in a state dict that hold NaN or inf.
+
+    One host sync for the whole state dict.
+    """
+    keys = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()
+    ]
+    if not keys:
+        return []
+    device = state[keys[0]].device
+    counts = torch.stack(
+        [(~torch.isfinite(state[k].detach())).sum().to(device, torch.int64) for k in keys]
+    ).tolist()
+    return [(k, int(n)) for k, n in zip(keys, counts, strict=True) if n]
 
 
 class WarmupMultiStepSchedule:
@@ -192,6 +212,9 @@ class HookBase:
 
     def after_step(self) -> None:
         """Called after each step (``trainer.iter`` already counts it)."""
+
+    def on_data_error(self) -> None:
+        """Called when reading the next batch failed (a bad image), before the error goes on."""
 
     def close(self) -> None:
         """Called last, also when training fails: release files and bars."""
@@ -299,8 +322,14 @@ class Trainer:
         self.epoch_iter = int(state["epoch_iter"])
         self.best_metric = state.get("best_metric")
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        saved = state["optimizer"]
+        if saved is None:
+            logger.warning("resume: the optimizer's state is not restored; it starts afresh")
+        else:
+            self._check_same_optimizer(saved)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if saved is not None:
+                self.optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"resume: the checkpoint's optimizer state does not fit this run's parameters "
@@ -313,6 +342,21 @@ class Trainer:
             self._resume_rng = per_rank[du.get_rank()]
         else:  # a single-process checkpoint, or another number of processes
             self._resume_rng = state.get("rng")
+
+    def _check_same_optimizer(self, saved: Mapping[str, Any]) -> None:
+        """Refuse an optimizer state of another kind (an AdamW state for SGD has no momentum)."""
+        groups = saved.get("param_groups") or [{}]
+        missing = [
+            k
+            for k, v in self.optimizer.defaults.items()
+            if k not in groups[0] and v is not None and not isinstance(v, bool)
+        ]
+        if missing:
+            raise CheckpointError(
+                f"resume: the checkpoint's optimizer state is not of a "
+                f"{type(self.optimizer).__name__} (it has no {', '.join(map(repr, missing))}); "
+                "was optim.optimizer changed?"
+            )
 
     # -- loop ------------------------------------------------------------------------------
     def _start_epoch(self) -> Iterator[Any]:
@@ -353,6 +397,10 @@ class Trainer:
                     except StopIteration:
                         exhausted = True
                         break
+                    except FgdistillError:
+                        for hook in self.hooks:
+                            hook.on_data_error()
+                        raise
                     for hook in self.hooks:
                         hook.before_step()
                     self.run_step(batch)
@@ -449,13 +497,21 @@ class CheckpointHook(HookBase):
         *,
         interval: int = 1,
         every_iters: int = 0,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
+        self.on_finished = on_finished
         self.work_dir = Path(work_dir)
         self.state_fn = state_fn
         self.interval = interval
         self.every_iters = every_iters
         self._saved_at = -1
+        self._saved_best: float | None = None
+        self._kept_at: int | None = None
         self._due = False
+
+    def before_train(self) -> None:
+        # a resumed run's last.pt is the checkpoint kept when nothing newer can be written
+        self._kept_at = self.trainer.iter or None
 
     def checkpoint(self) -> dict[str, Any]:
         """The full checkpoint dict for the trainer's current state."""
@@ -473,12 +529,66 @@ class CheckpointHook(HookBase):
         per_rank = du.all_gather_object(capture_rng_state()) if du.is_distributed() else None
         if du.is_main():
             ckpt = self.checkpoint()
+            self._check_finite(ckpt, name)
             if per_rank is not None:
                 ckpt["rng_per_rank"] = per_rank
             path = save_checkpoint(ckpt, self.work_dir / name)
             logger.debug("wrote %s at iteration %d", path, self.trainer.iter)
         if name == "last.pt":
+            first = self._saved_at != self.trainer.iter
             self._saved_at = self.trainer.iter
+            self._saved_best = self.trainer.best_metric
+            self._kept_at = self.trainer.iter
+            if first and self.trainer.finished and self.on_finished is not None:
+                self.on_finished()  # e.g. the trained weights, before the final evaluation
+
+    def _check_finite(self, ckpt: Mapping[str, Any], name: str) -> None:
+        """Refuse to write weights holding NaN or infinity: the last good checkpoint stays."""
+        state = ckpt.get("trainable") or ckpt.get("model") or {}
+        bad = nonfinite_summary(state)
+        if not bad:
+            return
+        t = self.trainer
+        key, count = bad[0]
+        total = sum(n for _, n in bad)
+        kept = (
+            f"the last checkpoint ({self.work_dir / 'last.pt'}, iteration {self._kept_at}) is kept"
+            if self._kept_at
+            else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+            f"the weights became non-finite by iteration {t.iter} ({total} NaN/inf values in "
+            f"{len(bad)} tensor(s), first {key!r}: {count}); {name} was not written and "
+            f"{kept}. Try a lower optim.lr, optim.grad_clip, or a smaller "
+            "distill.fgd_weight_scale"
+        )
+
+    def _epoch_end_due(self) -> bool:
+        t = self.trainer
+        return bool(self._due or (self.interval and t.epoch % self.interval == 0) or t.finished)
+
+    def before_eval(self, *, end: bool = False) -> None:
+        """Write ``last.pt`` before an evaluation if one is due now (at an epoch end, or at the
+        end with ``end``), so that a failing evaluation loses no training."""
+        if self._saved_at != self.trainer.iter and (end or self._epoch_end_due()):
+            self.save()
+
+    def on_data_error(self) -> None:
+        """Save the iterations done before a bad batch stops the run (single process only)."""
+        t = self.trainer
+        if du.is_distributed() or t.iter == 0 or self._saved_at == t.iter:
+            return
+        try:
+            self.save()
+        except FgdistillError as exc:  # e.g. non-finite weights: keep the older checkpoint
+            logger.warning("not saving %s: %s", self.work_dir / "last.pt", exc)
+            return
+        logger.warning(
+            "reading the data failed: saved %s at iteration %d; fix the data and run again "
+            "with --resume",
+            self.work_dir / "last.pt",
+            t.iter,
+        )
 
     def after_step(self) -> None:
         t = self.trainer
@@ -492,14 +602,18 @@ class CheckpointHook(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        due, self._due = self._due, False
+        due = self._epoch_end_due()
+        self._due = False
         if self._saved_at == t.iter:
+            if self._saved_best != t.best_metric:
+                self.save()  # written before the evaluation: record its best metric too
             return
-        if due or (self.interval and t.epoch % self.interval == 0) or t.finished:
+        if due:
             self.save()
 
     def after_train(self) -> None:
-        if self._saved_at != self.trainer.iter:
+        t = self.trainer
+        if self._saved_at != t.iter or self._saved_best != t.best_metric:
             self.save()
 
 
@@ -519,7 +633,9 @@ class EvalHook(HookBase):
         metric: str = "bbox/AP",
         checkpoint_hook: CheckpointHook | None = None,
         on_result: Callable[[dict[str, dict[str, float]]], None] | None = None,
+        previous: Callable[[int], dict[str, dict[str, float]] | None] | None = None,
     ) -> None:
+        self.previous = previous
         self.eval_fn = eval_fn
         self.interval = interval
         self.metric = metric
@@ -528,9 +644,15 @@ class EvalHook(HookBase):
         self.results: dict[str, dict[str, float]] | None = None
         self._done_at = -1
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, *, end: bool = False) -> None:
         t = self.trainer
-        results = self.eval_fn()
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook.before_eval(end=end)
+        try:
+            results = self.eval_fn()
+        except BaseException:
+            self._save_after_failure()
+            raise
         t.model.train()
         self._done_at = t.iter
         self.results = results
@@ -547,14 +669,41 @@ class EvalHook(HookBase):
         if self.on_result is not None:
             self.on_result(results)
 
+    def _save_after_failure(self) -> None:
+        """Keep the training done when the evaluation fails: ``last.pt`` at this iteration."""
+        t = self.trainer
+        hook = self.checkpoint_hook
+        if hook is None:
+            return
+        if hook._saved_at != t.iter and not du.is_distributed():
+            try:
+                hook.save()
+            except Exception as exc:  # the evaluation's error is the one to report
+                logger.warning("could not save %s: %s", hook.work_dir / "last.pt", exc)
+        if hook._saved_at == t.iter:
+            logger.error(
+                "evaluation failed at iteration %d: the training is saved in %s; fix the cause "
+                "and run again with --resume to evaluate it",
+                t.iter,
+                hook.work_dir / "last.pt",
+            )
+
     def after_epoch(self) -> None:
         t = self.trainer
         if (self.interval and t.epoch % self.interval == 0) or t.finished:
             self._evaluate()
 
     def after_train(self) -> None:
-        if self._done_at != self.trainer.iter:
-            self._evaluate()
+        t = self.trainer
+        if self._done_at == t.iter:
+            return
+        # a resumed finished run: the evaluation at this iteration is already in the log
+        earlier = self.previous(t.iter) if self.previous is not None else None
+        if earlier is not None:
+            self._done_at = t.iter
+            self.results = earlier
+            return
+        self._evaluate(end=True)
 
 
 class LoggerHook(HookBase):
@@ -707,6 +856,25 @@ class LoggerHook(HookBase):
             ap = metrics.get("bbox", {}).get("AP")
             if ap is not None:
                 self._bar.write(f"{self.description}: epoch {t.epoch}, bbox AP {ap:.2f}")
+
+    def logged_eval(self, iteration: int) -> dict[str, dict[str, float]] | None:
+        """The metrics of the eval record at ``iteration`` already in the log, or ``None``.
+
+        Read on rank 0 and shared with every rank (they must agree on evaluating).
+        """
+        found = None
+        if du.is_main() and self.log_path.is_file():
+            try:
+                records = read_jsonl(self.log_path)
+            except FgdistillError:
+                records = []
+            for record in records:
+                if record.get("type") == "eval" and record.get("iter") == iteration:
+                    metrics = record.get("metrics")
+                    found = metrics if isinstance(metrics, dict) else None
+        if du.is_distributed():
+            found = du.all_gather_object(found)[0]
+        return found
 
     def _write(self, record: Mapping[str, Any]) -> None:
         if self._fh is None:

@@ -44,6 +44,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from fgdistill.errors import CheckpointError, ConfigError
 from fgdistill.models.checkpoint import find_model_spec, load_checkpoint, state_dict_of
+from fgdistill.models.norm import batch_independent_group_norms
 
 __all__ = [
     "ARCHS",
@@ -161,7 +162,12 @@ def load_state_dict_checked(
             report.wrong_shape[key] = (tuple(value.shape), tuple(own[key].shape))
         else:
             fitting[key] = value
-    result = model.load_state_dict(fitting, strict=False)
+    try:
+        result = model.load_state_dict(fitting, strict=False)
+    except RuntimeError as exc:  # a module's own conversion renamed keys into the wrong shape
+        raise CheckpointError(
+            f"weights from {source} do not fit {type(model).__name__}: {_mismatches(exc)}"
+        ) from None
     report.missing = [k for k in result.missing_keys if k not in report.wrong_shape]
     report.unexpected = list(result.unexpected_keys)
     if not report.ok:
@@ -170,6 +176,22 @@ def load_state_dict_checked(
             raise CheckpointError(message)
         logger.warning(message)
     return report
+
+
+def _mismatches(exc: RuntimeError, limit: int = 3) -> str:
+    """The first size mismatches in ``nn.Module.load_state_dict``'s error, shortly."""
+    import re
+
+    found = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+        r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)",
+        str(exc),
+    )
+    if not found:
+        return str(exc).strip().splitlines()[-1][:300]
+    shown = ", ".join(f"{k} {a} (model {b})" for k, a, b in found[:limit])
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return f"{len(found)} key(s) of the wrong shape: {shown}{more}"
 
 
 def _is_weights_name(spec: str) -> bool:
@@ -427,6 +449,7 @@ def build_detector(
     model = _assemble(
         arch, body, num_classes, fpn_channels, head_norm, anchor_sizes, sizes, detector_kwargs
     )
+    batch_independent_group_norms(model)  # one image alone on a 1x1 map: see models/norm.py
 
     if weights is not None:
         state, source = load_weights(weights)

@@ -57,7 +57,7 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _without_unsafe_advice(str(exc)) or type(exc).__name__
         raise CheckpointError(
             f"{path}: cannot read checkpoint (corrupt, truncated or not a weights-only "
             f"PyTorch file): {first}"
@@ -151,3 +151,31 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     return str(obj)
+
+
+def _without_unsafe_advice(message: str) -> str:
+    """The reason in torch's load error, without its advice to load unsafely.
+
+    ``torch.load`` suggests retrying with ``weights_only=False`` (or allow-listing globals),
+    which would run whatever code the file holds: fgdistill never passes that advice on.
+    """
+    text = message.replace("\x1b[1m", "").replace("\x1b[0m", "")
+    advice = (
+        "weights_only",
+        "can still be loaded",
+        "Check the documentation",
+        "Alternatively",
+        "trusted source",
+        "add_safe_globals",
+    )
+    for raw in text.splitlines():
+        line = raw.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].split(". Please use", 1)[0]
+            return line.strip() + " (the file holds objects other than tensors and plain data)"
+        line = line.replace("Weights only load failed.", "").strip()
+        if line and not any(word in line for word in advice):
+            if "GLOBAL" in line:
+                line += " (the file holds objects other than tensors and plain data)"
+            return line
+    return ""
