@@ -19,6 +19,7 @@ from fgdistill.errors import FgdistillError
 _COMMAND_MODULES: tuple[str, ...] = (
     "fgdistill.cli.data_cmds",
     "fgdistill.cli.train_cmds",
+    "fgdistill.cli.convert_cmds",
     "fgdistill.cli.viz_cmds",
     "fgdistill.cli.bench_cmds",
 )
