@@ -84,7 +84,9 @@ def test_distill_from_a_converted_torchvision_teacher(
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert any("fgd/p7/fg" in r.get("losses", {}) for r in records)
     student = load_detector(out / "student.pt")
-    assert student.head.classification_head.cls_logits.out_channels == 9 * 9  # 9 anchors x (8 categories + background)
+    assert (
+        student.head.classification_head.cls_logits.out_channels == 9 * 9
+    )  # 9 anchors x (8 categories + background)
     teacher = torch.load(converted / "model.pt", weights_only=True)
     key = "head.regression_head.bbox_reg.weight"  # inherited, then trained two steps
     assert torch.allclose(student.state_dict()[key], teacher[key], atol=1e-2)

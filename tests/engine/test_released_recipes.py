@@ -118,11 +118,14 @@ def test_bias_groups_leave_norm_layers_alone() -> None:
 
 def test_fcos_config_builds_the_released_schedule() -> None:
     cfg = load_config(resolve_config_path("coco/fcos_r50_baseline"), ["data.batch_size=16"])
+    # the released FCOS student: linear warm-up from 1/3 (its lr_config sets warmup='linear'
+    # over mmdetection's constant one), biases at 2x the lr without weight decay
     assert (cfg.optim.warmup, cfg.optim.bias_lr_mult, cfg.optim.bias_decay_mult) == (
-        "constant",
+        "linear",
         2.0,
         0.0,
     )
+    assert cfg.optim.warmup_factor == pytest.approx(1 / 3)
     model = build_detector("fcos", **TINY, max_size=64)
     optimizer, schedule = build_optimizer_and_schedule(cfg, model, iters_per_epoch=1000)
     lrs = [g["lr"] for g in optimizer.param_groups]
@@ -130,4 +133,5 @@ def test_fcos_config_builds_the_released_schedule() -> None:
     assert lrs == pytest.approx([0.01, 0.02]) and decays == [1e-4, 0.0]
     assert schedule.set_iteration(0) == pytest.approx(0.01 / 3)
     assert optimizer.param_groups[1]["lr"] == pytest.approx(0.02 / 3)
+    assert schedule.set_iteration(250) == pytest.approx(0.01 * 2 / 3)
     assert schedule.set_iteration(500) == pytest.approx(0.01)

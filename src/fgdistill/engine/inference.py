@@ -146,13 +146,17 @@ def remap_labels(
 ) -> list[dict[str, torch.Tensor]]:
     """Detections with labels read through ``mapping`` (:func:`label_mapping`), others dropped.
 
+    Detections of label 0 (background; torchvision's RetinaNet and FCOS can return it) are
+    dropped too.
+
     ``outputs``: per image ``{"boxes" [K, 4], "labels" [K], "scores" [K], ("masks" ...)}``.
     """
-    if mapping is None:
-        return [dict(o) for o in outputs]
     out = []
     for o in outputs:
-        labels = mapping.to(o["labels"].device)[o["labels"].long()]
+        labels = o["labels"].long()
+        if mapping is not None:
+            labels = mapping.to(labels.device)[labels]
+        # torchvision's RetinaNet and FCOS score the background slot 0 too; it is no category
         keep = labels > 0
         kept = {k: v[keep] for k, v in o.items() if k != "labels"}
         kept["labels"] = labels[keep]
