@@ -125,3 +125,25 @@ def test_never_unpickles_code(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(1), "f": Path("x")}, path)
     with pytest.raises(CheckpointError, match="weights-only"):
         from_torchvision("retinanet_resnet50_fpn", path)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_weights_backbone_takes_an_imagenet_file(backbone: str, tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, backbone)(weights=None)
+    path = tmp_path / f"{backbone}-0123abcd.pth"
+    torch.save(net.state_dict(), path)  # an ImageNet file, classifier included
+    model = build_detector(
+        "retinanet", backbone=backbone, num_classes=3, fpn_channels=32, weights_backbone=str(path)
+    )
+    ours = model.state_dict()
+    theirs = net.state_dict()
+    prefix = "backbone.body."
+    body_keys = [k for k in ours if k.startswith(prefix) and "num_batches" not in k]
+    assert body_keys
+    inner = "features." if backbone.startswith("mobilenet") else ""
+    for key in body_keys:
+        assert torch.equal(ours[key], theirs[inner + key[len(prefix) :]]), key
+    assert model_spec(model)["frozen_bn"] is True  # type: ignore[index]
