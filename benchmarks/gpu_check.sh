@@ -55,7 +55,7 @@ fi
 COMMON=(--set "data.root=$DATA" --set device=cuda --set amp=true --set data.num_workers=2
         --set eval_interval=0 --set log_interval=50 --no-progress)
 
-step cuda_tests 150 "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider
+step cuda_tests 150 "$PYTHON" -m pytest -o addopts= -q -m cuda tests -p no:cacheprovider
 
 step amp_teacher 90 "$PYTHON" -m fgdistill.cli.main train synth/retinanet_r50_teacher \
     "${COMMON[@]}" --set max_iters=200 --work-dir "$OUT/teacher"
@@ -85,7 +85,8 @@ print(f"  {sys.argv[2]:12s} {m['iterations']} iterations, {m['images_per_s']} im
 EOF
     fi
 done
-grep -E "speed-up|speedup|fgd " "$OUT/loss_bench.log" 2>/dev/null | tail -n 5 | sed 's/^/  loss_bench   /'
+grep -E "^(mse|fgd|loop) |faster than|compiled FGD" "$OUT/loss_bench.log" 2>/dev/null \
+    | sed 's/^/  loss_bench   /'
 grep -E "passed|failed|skipped" "$OUT/cuda_tests.log" 2>/dev/null | tail -n 1 | sed 's/^/  cuda_tests   /'
 echo "  logs in $OUT/"
 exit "$FAILED"
