@@ -184,10 +184,15 @@ def test_train_and_eval_refuse_a_val_set_with_other_categories(
     assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"the categories of {other} differ from those of" in err and "only in" in err
-    # a trained model's labels are its training set's: scored against this file, refused too
+    # a trained model's labels are its training set's categories: scored against a set with
+    # some of them, each label is read as its category id (the others are dropped) ...
     args = ["eval", str(cfg), "--checkpoint", str(trained / "model.pt")]
+    assert main([*args, "--work-dir", str(tmp_path / "e"), "--no-progress"]) == 0
+    # ... and a set with a category the model does not know is refused
+    val["categories"][0]["name"] = "renamed"
+    other.write_text(json.dumps(val))
     assert main([*args, "--work-dir", str(tmp_path / "e"), "--no-progress"]) == 2
-    assert "(its training set)" in capsys.readouterr().err
+    assert "(its label space)" in capsys.readouterr().err
 
 
 def test_predict_refuses_a_threshold_that_is_not_a_number(

@@ -20,6 +20,7 @@ from fgdistill.io import is_disk_full
 _COMMAND_MODULES: tuple[str, ...] = (
     "fgdistill.cli.data_cmds",
     "fgdistill.cli.train_cmds",
+    "fgdistill.cli.convert_cmds",
     "fgdistill.cli.viz_cmds",
     "fgdistill.cli.bench_cmds",
     "fgdistill.cli.export_cmds",

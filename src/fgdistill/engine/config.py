@@ -63,15 +63,19 @@ class ModelConfig:
     from scratch, torchvision's settings with pretrained weights. ``anchor_sizes`` gives one base
     anchor size per level (five values). ``weights`` and ``weights_backbone`` are
     torchvision weight names (e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``) or ``None`` for random
-    initialisation; nothing is downloaded unless a name is given. ``extra`` passes further keyword
-    arguments to ``build_detector`` unchanged.
+    initialisation; nothing is downloaded unless a name is given; they may also be files:
+    ``weights`` a checkpoint of ours or torchvision's (layers of another shape, such as the class
+    head, are skipped and named), ``weights_backbone`` an ImageNet file (``resnet50-*.pth``).
+    ``min_size`` may be a list: multi-scale training, one size drawn per image from the list
+    (torchvision's transform), the last one in evaluation. ``extra`` passes further keyword
+    arguments to ``build_detector`` unchanged (``p6_from: c5``, ``fpn_norm``, ...).
     """
 
     arch: str = "retinanet"
     backbone: str = "resnet50"
     num_classes: int | None = None
     fpn_channels: int = 256
-    min_size: int = 800
+    min_size: int | list[int] = 800
     max_size: int = 1333
     weights: str | None = None
     weights_backbone: str | None = None
@@ -143,6 +147,10 @@ class OptimConfig:
     false. The schedule is a linear warm-up over ``warmup_iters`` iterations from
     ``warmup_factor * lr``, then a step decay by ``gamma`` at each epoch in ``milestones``.
     ``grad_clip`` is the maximum L2 norm of all gradients (``None`` disables clipping).
+    ``warmup: constant`` holds ``warmup_factor * lr`` during the warm-up instead (mmdetection's
+    FCOS). ``bias_lr_mult`` and ``bias_decay_mult`` multiply the learning rate and the weight
+    decay of the biases of every layer but the norm layers (mmdetection's ``paramwise_cfg``;
+    the released FCOS: 2 and 0).
     """
 
     optimizer: str = "sgd"
@@ -153,6 +161,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_factor: float = 0.001
+    warmup: str = "linear"
+    bias_lr_mult: float = 1.0
+    bias_decay_mult: float = 1.0
     epochs: int = 24
     milestones: list[int] = field(default_factory=lambda: [16, 22])
     gamma: float = 0.1
@@ -223,6 +234,7 @@ class TrainConfig:
 
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (OptimConfig, "optimizer"): ("sgd", "adamw"),
+    (OptimConfig, "warmup"): ("linear", "constant"),
     (DistillConfig, "method"): ("fgd", "mse", "pkd", "cwd", "mgd"),
     (DistillConfig, "normalize"): ("none", "teacher_rms"),
     (TrainConfig, "device"): ("auto", "cpu", "cuda"),
@@ -237,7 +249,14 @@ _POSITIVE: dict[type, tuple[str, ...]] = {
 
 _NON_NEGATIVE: dict[type, tuple[str, ...]] = {
     DataConfig: ("num_workers",),
-    OptimConfig: ("momentum", "weight_decay", "warmup_iters", "warmup_factor"),
+    OptimConfig: (
+        "momentum",
+        "weight_decay",
+        "warmup_iters",
+        "warmup_factor",
+        "bias_lr_mult",
+        "bias_decay_mult",
+    ),
     DistillConfig: ("fgd_weight_scale", "fgd_warmup_iters"),
     TrainConfig: ("eval_interval", "checkpoint_interval", "checkpoint_iters"),
 }
@@ -378,7 +397,8 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for table, ok, rule in checks:
         for name in table.get(cls, ()):
             value = getattr(obj, name)
-            if value is not None and not ok(value):
+            values = value if isinstance(value, list) else [value]  # min_size: one or a list
+            if value == [] or any(v is not None and not ok(v) for v in values):
                 dotted = f"{prefix}.{name}" if prefix else name
                 raise ConfigError(f"{dotted}: {rule}, got {value!r}")
     for (owner, name), choices in _CHOICES.items():
@@ -420,7 +440,8 @@ def _check_relations(cfg: TrainConfig) -> None:
     if cfg.distill is not None:
         models.append(("distill.teacher", cfg.distill.teacher))
     for prefix, m in models:
-        if m.min_size > m.max_size:
+        sizes = m.min_size if isinstance(m.min_size, list) else [m.min_size]
+        if max(sizes, default=0) > m.max_size:
             raise ConfigError(
                 f"{prefix}.min_size: {m.min_size} is above {prefix}.max_size ({m.max_size})"
             )

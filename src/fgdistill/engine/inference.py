@@ -37,8 +37,10 @@ __all__ = [
     "dataset_categories",
     "evaluate_checkpoint",
     "evaluate_model",
+    "label_mapping",
     "load_categories",
     "predict",
+    "remap_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,60 @@ def check_same_categories(
     )
 
 
+def label_mapping(
+    model_categories: Sequence[Mapping[str, Any]],
+    model_source: str,
+    dataset_categories_: Sequence[Mapping[str, Any]],
+    dataset_source: str,
+) -> torch.Tensor | None:
+    """How a detector's labels read as a dataset's labels, or None when they are the same.
+
+    A detector's label ``k`` is ``model_categories[k - 1]`` (its training set's, or, for
+    torchvision's COCO models, the COCO category id ``k``: see
+    :func:`fgdistill.models.coco_categories`). When the two lists differ, each dataset category
+    must be among the detector's with the same id and name; the detector's other labels (COCO's
+    unused ids, categories the set does not have) are dropped.
+
+    Returns:
+        ``LongTensor[len(model_categories) + 1]``: model label -> dataset label, 0 to drop.
+
+    Raises:
+        ConfigError: a dataset category the detector does not know, or knows by another name.
+    """
+    model_cats = [(int(c["id"]), str(c.get("name", c["id"]))) for c in model_categories]
+    data_cats = [(int(c["id"]), str(c.get("name", c["id"]))) for c in dataset_categories_]
+    if model_cats == data_cats:
+        return None
+    missing = [f"{i} {n!r}" for i, n in data_cats if (i, n) not in model_cats]
+    if missing:
+        check_same_categories(model_categories, model_source, dataset_categories_, dataset_source)
+    label_of = {cat: label for label, cat in enumerate(data_cats, start=1)}
+    return torch.tensor([0] + [label_of.get(cat, 0) for cat in model_cats], dtype=torch.long)
+
+
+def remap_labels(
+    outputs: Sequence[Mapping[str, torch.Tensor]], mapping: torch.Tensor | None
+) -> list[dict[str, torch.Tensor]]:
+    """Detections with labels read through ``mapping`` (:func:`label_mapping`), others dropped.
+
+    Detections of label 0 (background; torchvision's RetinaNet and FCOS can return it) are
+    dropped too.
+
+    ``outputs``: per image ``{"boxes" [K, 4], "labels" [K], "scores" [K], ("masks" ...)}``.
+    """
+    out = []
+    for o in outputs:
+        labels = o["labels"].long()
+        if mapping is not None:
+            labels = mapping.to(labels.device)[labels]
+        # torchvision's RetinaNet and FCOS score the background slot 0 too; it is no category
+        keep = labels > 0
+        kept = {k: v[keep] for k, v in o.items() if k != "labels"}
+        kept["labels"] = labels[keep]
+        out.append(kept)
+    return out
+
+
 def load_categories(checkpoint_path: str | Path, ckpt: Mapping[str, Any] | None = None) -> list:
     """COCO categories (``[{"id", "name"}]``, in label order) stored with a checkpoint.
 
@@ -137,8 +193,12 @@ def evaluate_model(
     amp: bool = False,
     progress: bool = True,
     description: str = "eval",
+    labels: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """COCO metrics of a detector on a dataset; distributed-aware (each rank takes a share).
+
+    ``labels`` (from :func:`label_mapping`) reads the detector's labels as the dataset's when
+    the two label spaces differ (a torchvision COCO model's labels are category ids).
 
     Returns ``{"bbox": {"AP": ..., "AP50": ..., ...}}`` (plus ``"segm"`` for masks), the same on
     every rank.
@@ -171,9 +231,13 @@ def evaluate_model(
             images, targets = move_batch(batch, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 outputs = model(images)
-            outputs = [
-                _without_background({k: v.float().cpu() for k, v in o.items()}) for o in outputs
-            ]
+            outputs = remap_labels(
+                [
+                    {k: v.float().cpu() if k != "labels" else v.cpu() for k, v in o.items()}
+                    for o in outputs
+                ],
+                labels,
+            )
             targets = [
                 {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
                 for t in targets
@@ -187,21 +251,6 @@ def evaluate_model(
         model.train(was_training)
     results = evaluator.evaluate()
     return {task: {k: float(v) for k, v in vals.items()} for task, vals in results.items()}
-
-
-def _without_background(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A detector's output without detections labelled 0, the background.
-
-    RetinaNet and FCOS score every class slot, background included; it is never a target, so
-    its score is low once trained, but an early or diverged model can still return it. It is
-    no category, and the evaluator refuses it.
-    """
-    labels = output.get("labels")
-    if labels is None or not len(labels) or bool((labels > 0).all()):
-        return output
-    keep = labels > 0
-    n = len(labels)
-    return {k: (v[keep] if v.dim() and v.shape[0] == n else v) for k, v in output.items()}
 
 
 def evaluate_checkpoint(
@@ -231,10 +280,11 @@ def _evaluate_checkpoint(
     device = du.init_from_env(cfg.device)
     _, val_ds = build_datasets(cfg, train=False)
     trained_on = load_categories(checkpoint, load_checkpoint(checkpoint))
+    mapping = None
     if trained_on:
-        check_same_categories(
+        mapping = label_mapping(
             trained_on,
-            f"{checkpoint} (its training set)",
+            f"{checkpoint} (its label space)",
             dataset_categories(val_ds),
             str(cfg.data.path("val_ann")),
         )
@@ -251,6 +301,7 @@ def _evaluate_checkpoint(
         device=device,
         amp=cfg.amp,
         progress=progress,
+        labels=mapping,
     )
     if du.is_main():
         work_dir = Path(cfg.work_dir)

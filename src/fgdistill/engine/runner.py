@@ -203,7 +203,7 @@ def _train_locked(
         check_fresh_start(work_dir, overwrite=overwrite, keep=_inputs_of(cfg), resume=resume)
 
     seed_everything(cfg.seed)
-    built = build_trainable(cfg, data.num_classes)
+    built = build_trainable(cfg, data.num_classes, data.categories)
     built.trainable.to(device)
     model = du.wrap_ddp(built.trainable, device)
     total_batch = cfg.data.batch_size * du.get_world_size()
@@ -262,17 +262,21 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train_ds, val_ds, num_classes, categories)
 
 
-def build_trainable(cfg: TrainConfig, num_classes: int) -> TrainModel:
+def build_trainable(
+    cfg: TrainConfig, num_classes: int, categories: Sequence[Mapping[str, Any]] = ()
+) -> TrainModel:
     """The student detector, wrapped in a :class:`~fgdistill.models.Distiller` when distilling.
 
-    The teacher is read from ``cfg.distill.teacher_checkpoint``. Draws from torch's random
-    generator (initialisation): seed first.
+    The teacher is read from ``cfg.distill.teacher_checkpoint``; ``categories`` (the training
+    set's) tell whether its label space is the student's. Draws from torch's random generator
+    (initialisation): seed first.
     """
     student = build_detector(**detector_kwargs(cfg.model, num_classes))
     spec = _spec_of(student, cfg)
     if cfg.distill is None:
         return TrainModel(student, student, spec, distilling=False)
-    return TrainModel(student, _build_distiller(cfg, student, num_classes), spec, distilling=True)
+    distiller = _build_distiller(cfg, student, num_classes, categories)
+    return TrainModel(student, distiller, spec, distilling=True)
 
 
 def _method_settings(cfg: TrainConfig, family: str) -> tuple[list[str], dict[str, Any]]:
@@ -323,17 +327,20 @@ def _method_settings(cfg: TrainConfig, family: str) -> tuple[list[str], dict[str
     return levels, out
 
 
-def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> nn.Module:
+def _build_distiller(
+    cfg: TrainConfig,
+    student: nn.Module,
+    num_classes: int,
+    categories: Sequence[Mapping[str, Any]] = (),
+) -> nn.Module:
+    from fgdistill.engine.teacher import inherit_exclusions, load_teacher
     from fgdistill.models import Distiller
 
     dc = cfg.distill
     assert dc is not None
     if not dc.teacher_checkpoint:
         raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
-    teacher = build_detector(**detector_kwargs(dc.teacher, num_classes))
-    source = str(dc.teacher_checkpoint)
-    state = state_dict_of(load_checkpoint(dc.teacher_checkpoint), source=source)
-    load_state_dict_checked(teacher, state, source=source, strict=True)
+    teacher, teacher_categories = load_teacher(dc, num_classes)
     levels, hparams = _method_settings(cfg, cfg.model.arch)
     distiller: nn.Module = Distiller(
         student,
@@ -344,6 +351,7 @@ def _build_distiller(cfg: TrainConfig, student: nn.Module, num_classes: int) -> 
         method=dc.method,
         split_regions=dc.split_regions,
         normalize=dc.normalize,
+        inherit_exclude=inherit_exclusions(student, teacher_categories, categories),
     )
     return distiller
 
@@ -358,8 +366,19 @@ def build_optimizer_and_schedule(
     o = cfg.optim
     total_batch = cfg.data.batch_size * du.get_world_size()
     lr = o.lr * total_batch / o.base_batch_size if o.scale_lr else o.lr
+    params: Any = trainable.parameters()
+    if o.bias_lr_mult != 1.0 or o.bias_decay_mult != 1.0:
+        from fgdistill.engine.param_groups import bias_param_groups
+
+        params = bias_param_groups(
+            trainable,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            bias_lr_mult=o.bias_lr_mult,
+            bias_decay_mult=o.bias_decay_mult,
+        )
     optimizer = build_optimizer(
-        trainable.parameters(),
+        params,
         name=o.optimizer,
         lr=lr,
         momentum=o.momentum,
@@ -371,6 +390,7 @@ def build_optimizer_and_schedule(
         gamma=o.gamma,
         warmup_iters=o.warmup_iters,
         warmup_factor=o.warmup_factor,
+        warmup_method=o.warmup,
     )
     return optimizer, schedule
 

@@ -91,15 +91,25 @@ def move_batch(batch: Any, device: torch.device) -> tuple[list[torch.Tensor], li
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
     *,
     name: str,
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
 ) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's) or AdamW, over the parameters that require gradients."""
-    trainable = [p for p in params if p.requires_grad]
+    """SGD with momentum (the paper's) or AdamW, over the parameters that require gradients.
+
+    ``params`` may also be parameter groups (dicts with ``"params"``, as from
+    :func:`fgdistill.engine.param_groups.bias_param_groups`).
+    """
+    items: list[Any] = list(params)
+    trainable: list[Any]
+    if items and isinstance(items[0], dict):
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in items]
+        trainable = [g for g in groups if g["params"]]
+    else:
+        trainable = [p for p in items if p.requires_grad]
     if not trainable:
         raise FgdistillError("optimizer: the model has no trainable parameters")
     if name == "sgd":
@@ -132,7 +142,8 @@ class WarmupMultiStepSchedule:
     """Linear warm-up then step decay, as a pure function of the iteration.
 
     ``factor(i) = warm(i) * gamma ** (number of milestones <= i)`` with ``warm(i)`` going
-    linearly from ``warmup_factor`` at ``i = 0`` to 1 at ``i = warmup_iters``. Milestones are in
+    linearly from ``warmup_factor`` at ``i = 0`` to 1 at ``i = warmup_iters`` (``warmup_method=
+    "constant"``: ``warmup_factor`` until ``warmup_iters``, then 1). Milestones are in
     iterations. Being stateless, it resumes exactly from the iteration alone.
     """
 
@@ -144,7 +155,11 @@ class WarmupMultiStepSchedule:
         gamma: float = 0.1,
         warmup_iters: int = 0,
         warmup_factor: float = 0.001,
+        warmup_method: str = "linear",
     ) -> None:
+        if warmup_method not in ("linear", "constant"):
+            raise FgdistillError(f"warmup must be 'linear' or 'constant', got {warmup_method!r}")
+        self.warmup_method = warmup_method
         self.optimizer = optimizer
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma = gamma
@@ -157,7 +172,9 @@ class WarmupMultiStepSchedule:
     def factor(self, iteration: int) -> float:
         """The multiplier of the base learning rate at ``iteration`` (0-based)."""
         warm = 1.0
-        if iteration < self.warmup_iters:
+        if iteration < self.warmup_iters and self.warmup_method == "constant":
+            warm = self.warmup_factor
+        elif iteration < self.warmup_iters:
             alpha = iteration / self.warmup_iters
             warm = self.warmup_factor * (1 - alpha) + alpha
         decays = sum(1 for m in self.milestones if iteration >= m)
@@ -177,6 +194,7 @@ class WarmupMultiStepSchedule:
             "gamma": self.gamma,
             "warmup_iters": self.warmup_iters,
             "warmup_factor": self.warmup_factor,
+            "warmup_method": self.warmup_method,
             "base_lrs": list(self.base_lrs),
         }
 

@@ -2,7 +2,8 @@
 
 What users call is exported here; the rest is in the submodules (:mod:`~fgdistill.models.build`,
 :mod:`~fgdistill.models.checkpoint`, :mod:`~fgdistill.models.distiller`,
-:mod:`~fgdistill.models.levels`, :mod:`~fgdistill.models.presets`).
+:mod:`~fgdistill.models.levels`, :mod:`~fgdistill.models.presets`,
+:mod:`~fgdistill.models.torchvision_zoo`).
 """
 
 from fgdistill.models.build import (
@@ -16,18 +17,30 @@ from fgdistill.models.build import (
 )
 from fgdistill.models.distiller import Distiller, InheritReport, inherit_weights
 from fgdistill.models.levels import LevelInfo, feature_levels
+from fgdistill.models.torchvision_zoo import (
+    TORCHVISION_MODELS,
+    coco_categories,
+    convert_torchvision,
+    from_torchvision,
+    torchvision_spec,
+)
 
 __all__ = [
     "ARCHS",
     "BACKBONES",
+    "TORCHVISION_MODELS",
     "Distiller",
     "InheritReport",
     "LevelInfo",
     "LoadReport",
     "build_detector",
+    "coco_categories",
+    "convert_torchvision",
     "feature_levels",
+    "from_torchvision",
     "inherit_weights",
     "load_detector",
     "load_state_dict_checked",
     "model_spec",
+    "torchvision_spec",
 ]

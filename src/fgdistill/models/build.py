@@ -55,6 +55,7 @@ __all__ = [
     "build_detector",
     "detector_options",
     "load_detector",
+    "load_pretrained",
     "load_state_dict_checked",
     "load_weights",
     "model_spec",
@@ -194,6 +195,39 @@ def _mismatches(exc: RuntimeError, limit: int = 3) -> str:
     return f"{len(found)} key(s) of the wrong shape: {shown}{more}"
 
 
+def load_pretrained(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str
+) -> LoadReport:
+    """Initialise ``model`` from another detector's weights, skipping the layers of another shape.
+
+    What ``model.weights`` does: a checkpoint of ours or a torchvision state dict of the same
+    architecture initialises every tensor whose name and shape match; tensors whose shapes
+    differ (the class-specific layers when the number of classes differs: the classification
+    logits, Faster R-CNN's box predictor, Mask R-CNN's mask logits) keep their initialisation,
+    and are named in a warning.
+
+    Raises:
+        CheckpointError: keys are missing or unexpected (another architecture or layout); the
+            message lists them.
+    """
+    report = load_state_dict_checked(model, state_dict, source=source, strict=False)
+    if report.missing or report.unexpected:
+        raise CheckpointError(
+            f"weights from {source} do not fit {type(model).__name__}: {report.describe()}. "
+            "A torchvision COCO model needs its own layout: build it with "
+            "fgdistill.models.torchvision_spec(name) (see docs/torchvision.md)"
+        )
+    if report.wrong_shape:
+        logger.warning(
+            "weights from %s: skipped %d tensor(s) of another shape, which keep their "
+            "initialisation: %s",
+            source,
+            len(report.wrong_shape),
+            ", ".join(report.wrong_shape),
+        )
+    return report
+
+
 def _is_weights_name(spec: str) -> bool:
     return "_Weights." in spec and "/" not in spec and not spec.endswith((".pt", ".pth"))
 
@@ -297,6 +331,9 @@ def build_backbone(
     frozen_bn: bool,
     trainable_layers: int,
     weights_backbone: str | Path | None = None,
+    fpn_norm: str | None = None,
+    frozen_bn_eps: float | None = None,
+    returned_layers: Sequence[int] | None = None,
 ) -> BackboneWithFPN:
     """A backbone + FPN returning the C-levels of ``strides`` (e.g. ``(8, 16, 32)``) plus extras.
 
@@ -304,25 +341,77 @@ def build_backbone(
     (``'p6', 'p7'`` for :class:`LastLevelP6P7`, ``'pool'`` for :class:`LastLevelMaxPool`), like
     torchvision's detectors. ``weights_backbone`` (checkpoint path or torchvision weights name)
     is loaded into the classification network before its head is dropped.
+
+    ``fpn_norm`` (``None``, ``"batch"`` or ``"group"``) puts a norm layer in the FPN's convs
+    (torchvision's v2 R-CNNs use ``"batch"``); ``frozen_bn_eps`` is the epsilon of the frozen
+    BatchNorm (default: 1e-5 for ResNets, 1e-3 for MobileNetV3; torchvision's v1 COCO weights of
+    RetinaNet and the R-CNNs need 0). ``returned_layers`` picks MobileNetV3's FPN inputs the way
+    torchvision's ``_mobilenet_extractor`` does (stage numbers; ``[4, 5]`` is torchvision's
+    ``fasterrcnn_mobilenet_v3_large_fpn``); by default the last block of each stride is used.
     """
+    fpn_norm_layer = _norm_layer(fpn_norm, "fpn_norm")
     if name in _RESNETS:
-        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        if returned_layers is not None:
+            raise ConfigError("returned_layers is an option of mobilenet_v3_large only")
+        norm: Callable[..., nn.Module] = nn.BatchNorm2d
+        if frozen_bn:
+            norm = partial(FrozenBatchNorm2d, eps=1e-5 if frozen_bn_eps is None else frozen_bn_eps)
         body = _resnet_body(name, norm, weights_backbone, trainable_layers)
         stage_of = {4: 1, 8: 2, 16: 3, 32: 4}
         base = int(body.inplanes) // 8  # type: ignore[arg-type]
         return_layers = {f"layer{stage_of[s]}": str(i) for i, s in enumerate(strides)}
         in_channels = [base * 2 ** (stage_of[s] - 1) for s in strides]
-        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks)
+        return BackboneWithFPN(
+            body, return_layers, in_channels, fpn_channels, extra_blocks, norm_layer=fpn_norm_layer
+        )
     if name == "mobilenet_v3_large":
-        # MobileNetV3 uses BatchNorm with eps=1e-3; keep it when freezing.
-        norm_mb = partial(FrozenBatchNorm2d, eps=1e-3) if frozen_bn else None
+        # MobileNetV3 uses BatchNorm with eps=1e-3; keep it when freezing (torchvision's COCO
+        # MobileNetV3 detectors freeze it with eps=1e-5: frozen_bn_eps says which).
+        eps = 1e-3 if frozen_bn_eps is None else frozen_bn_eps
+        norm_mb = partial(FrozenBatchNorm2d, eps=eps) if frozen_bn else None
         features, last_at, channels = _mobilenet_features(
             norm_mb, weights_backbone, trainable_layers
         )
-        return_layers = {str(last_at[s]): str(i) for i, s in enumerate(strides)}
-        in_channels = [channels[last_at[s]] for s in strides]
-        return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks)
+        if returned_layers is None:
+            picked = [last_at[s] for s in strides]
+        else:
+            stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
+            stages.append(len(features) - 1)
+            if not returned_layers or any(not 0 <= k < len(stages) for k in returned_layers):
+                raise ConfigError(
+                    f"returned_layers must be stage numbers in [0, {len(stages) - 1}], "
+                    f"got {list(returned_layers)}"
+                )
+            picked = [stages[k] for k in returned_layers]
+        return_layers = {str(idx): str(i) for i, idx in enumerate(picked)}
+        in_channels = [channels[idx] for idx in picked]
+        return BackboneWithFPN(
+            features,
+            return_layers,
+            in_channels,
+            fpn_channels,
+            extra_blocks,
+            norm_layer=fpn_norm_layer,
+        )
     raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _norm_layer(kind: str | None, option: str) -> Callable[..., nn.Module] | None:
+    """The norm layer of ``kind``: None, ``"batch"`` (BatchNorm2d) or ``"group"`` (GroupNorm)."""
+    if kind is None:
+        return None
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return _group_norm
+    raise ConfigError(f"{option} must be None, 'batch' or 'group', got {kind!r}")
+
+
+def _c5_channels(name: str) -> int:
+    """Channels of the backbone's last stage (C5), what ``p6_from='c5'`` computes P6 from."""
+    if name == "mobilenet_v3_large":
+        return 960
+    return 512 if name in ("resnet18", "resnet34") else 2048
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,19 +419,29 @@ def build_backbone(
 # --------------------------------------------------------------------------------------------
 
 
-def _retinanet_anchors(anchor_sizes: Sequence[int] | None) -> AnchorGenerator:
+#: An anchor size per level: one base size (the detector's scales of it), or the level's sizes.
+AnchorSizes = Sequence[int | Sequence[int]]
+
+
+def _level_sizes(
+    anchor_sizes: AnchorSizes | None, scales: Callable[[int], tuple[int, ...]], levels: str, n: int
+) -> tuple[tuple[int, ...], ...]:
     bases = tuple(anchor_sizes) if anchor_sizes is not None else (32, 64, 128, 256, 512)
-    if len(bases) != 5:
-        raise ConfigError(f"anchor_sizes needs one size per level P3-P7 (5), got {list(bases)}")
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in bases)
+    if len(bases) != n:
+        raise ConfigError(f"anchor_sizes needs one entry per level {levels} ({n}), got {bases}")
+    return tuple(scales(int(x)) if isinstance(x, int) else tuple(int(v) for v in x) for x in bases)
+
+
+def _retinanet_anchors(anchor_sizes: AnchorSizes | None) -> AnchorGenerator:
+    sizes = _level_sizes(
+        anchor_sizes, lambda x: (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))), "P3-P7", 5
+    )
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
-def _rpn_anchors(anchor_sizes: Sequence[int] | None) -> AnchorGenerator:
-    bases = tuple(anchor_sizes) if anchor_sizes is not None else (32, 64, 128, 256, 512)
-    if len(bases) != 5:
-        raise ConfigError(f"anchor_sizes needs one size per level P2-P6 (5), got {list(bases)}")
-    return AnchorGenerator(tuple((x,) for x in bases), ((0.5, 1.0, 2.0),) * len(bases))
+def _rpn_anchors(anchor_sizes: AnchorSizes | None, num_levels: int = 5) -> AnchorGenerator:
+    sizes = _level_sizes(anchor_sizes, lambda x: (x,), "of the RPN", num_levels)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 def _reppoints_class() -> type:
@@ -366,14 +465,19 @@ def build_detector(
     backbone: str = "resnet50",
     num_classes: int,
     fpn_channels: int = 256,
-    min_size: int = 800,
+    min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     weights: str | Path | None = None,
     weights_backbone: str | Path | None = None,
     trainable_layers: int | None = None,
     frozen_bn: bool | None = None,
     head_norm: str | None = None,
-    anchor_sizes: Sequence[int] | None = None,
+    anchor_sizes: AnchorSizes | None = None,
+    p6_from: str = "p5",
+    fpn_norm: str | None = None,
+    frozen_bn_eps: float | None = None,
+    returned_layers: Sequence[int] | None = None,
+    box_loss: str | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """Build a detector following torchvision's contract.
@@ -396,11 +500,30 @@ def build_detector(
         frozen_bn: use ``FrozenBatchNorm2d`` in the backbone. Default: True with pretrained
             weights (``weights`` or ``weights_backbone``), False without, because training from
             scratch needs BatchNorm statistics that adapt.
-        head_norm: ``None`` or ``"group"``: GroupNorm in the heads (like torchvision's v2
-            RetinaNet; for R-CNN a 4-conv box head and GroupNorm mask head), which helps training
-            from scratch. FCOS and RepPoints always use GroupNorm in their heads.
+        head_norm: ``None``, ``"group"`` or ``"batch"``: GroupNorm in the heads (like
+            torchvision's v2 RetinaNet; for R-CNN a 2-conv RPN head, a 4-conv box head and a
+            GroupNorm mask head), which helps training from scratch; ``"batch"``: the same R-CNN
+            heads with BatchNorm, torchvision's v2 Faster and Mask R-CNN. FCOS and RepPoints
+            always use GroupNorm in their heads.
         anchor_sizes: base anchor size per level (five values), for RetinaNet (P3-P7, three
             scales each) and Faster/Mask R-CNN's RPN (P2-P6). Small images need small anchors.
+            An entry may also be a list: that level's anchor sizes, as they are.
+        min_size: an int, or a list of sizes: in training each image is resized to one of them,
+            drawn at random (torchvision's transform; multi-scale training), in evaluation to
+            the last.
+        p6_from: ``"p5"`` (torchvision's v1 RetinaNet and FCOS) or ``"c5"`` (torchvision's v2
+            RetinaNet, mmdetection's ``add_extra_convs='on_input'``): what the one-stage
+            detectors' P6 is computed from.
+        fpn_norm: ``None``, ``"batch"`` or ``"group"``: a norm layer in the FPN's convs
+            (torchvision's v2 R-CNNs: ``"batch"``).
+        frozen_bn_eps: epsilon of the backbone's frozen BatchNorm (default 1e-5, 1e-3 for
+            MobileNetV3). torchvision's v1 COCO weights of RetinaNet, Faster and Mask R-CNN were
+            trained with 0: :func:`fgdistill.models.from_torchvision` sets it.
+        returned_layers: MobileNetV3 only: the FPN's inputs as torchvision's stage numbers
+            (``[4, 5]`` in ``fasterrcnn_mobilenet_v3_large_fpn``, whose two FPN levels both have
+            stride 32); default: the last block of each stride.
+        box_loss: RetinaNet's box regression loss (torchvision's ``_loss_type``: ``"l1"``,
+            ``"smooth_l1"``, ``"giou"``, ``"ciou"``, ``"diou"``); default torchvision's l1.
         **detector_kwargs: passed to the torchvision detector class (e.g. ``score_thresh``,
             ``detections_per_img``, ``image_mean``).
 
@@ -421,10 +544,25 @@ def build_detector(
         )
     if fpn_channels < 1:
         raise ConfigError(f"fpn_channels must be positive, got {fpn_channels}")
-    if head_norm not in (None, "group"):
-        raise ConfigError(f"head_norm must be None or 'group', got {head_norm!r}")
+    if head_norm not in (None, "group", "batch"):
+        raise ConfigError(f"head_norm must be None, 'group' or 'batch', got {head_norm!r}")
+    if head_norm == "batch" and arch not in ("faster_rcnn", "mask_rcnn"):
+        raise ConfigError(f"head_norm='batch' is an option of the R-CNNs, not of {arch}")
     if anchor_sizes is not None and arch not in ("retinanet", "faster_rcnn", "mask_rcnn"):
         raise ConfigError(f"anchor_sizes is not an option of {arch}")
+    if p6_from not in ("p5", "c5"):
+        raise ConfigError(f"p6_from must be 'p5' or 'c5', got {p6_from!r}")
+    if p6_from == "c5" and arch not in _ONE_STAGE:
+        raise ConfigError(f"p6_from is an option of the one-stage detectors, not {arch}")
+    if box_loss is not None and arch != "retinanet":
+        raise ConfigError(f"box_loss is an option of retinanet, not {arch}")
+    sizes_ok = isinstance(min_size, int) or (
+        isinstance(min_size, list | tuple)
+        and len(min_size) > 0
+        and all(isinstance(v, int) for v in min_size)
+    )
+    if not sizes_ok:
+        raise ConfigError(f"min_size must be an int or a list of ints, got {min_size!r}")
     _check_options(arch, detector_kwargs)
     pretrained = weights is not None or weights_backbone is not None
     if trainable_layers is None:
@@ -432,10 +570,16 @@ def build_detector(
     if frozen_bn is None:
         frozen_bn = pretrained
 
+    if isinstance(weights, str) and weights in _EPS_ZERO_WEIGHTS and frozen_bn_eps is None:
+        frozen_bn_eps = 0.0
+
     one_stage = arch in _ONE_STAGE
-    extra: ExtraFPNBlock = (
-        LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
-    )
+    extra: ExtraFPNBlock = LastLevelMaxPool()
+    if one_stage:
+        p6_in = _c5_channels(backbone) if p6_from == "c5" else fpn_channels
+        p6p7 = LastLevelP6P7(p6_in, fpn_channels)
+        p6p7.use_P5 = p6_from == "p5"  # torchvision infers it from the channels; say it
+        extra = p6p7
     body = build_backbone(
         backbone,
         strides=_STRIDES_ONE_STAGE if one_stage else _STRIDES_TWO_STAGE,
@@ -444,34 +588,53 @@ def build_detector(
         frozen_bn=frozen_bn,
         trainable_layers=trainable_layers,
         weights_backbone=weights_backbone if weights is None else None,
+        fpn_norm=fpn_norm,
+        frozen_bn_eps=frozen_bn_eps,
+        returned_layers=returned_layers,
     )
-    sizes: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
+    sizes: dict[str, Any] = {
+        "min_size": tuple(min_size) if isinstance(min_size, list | tuple) else min_size,
+        "max_size": max_size,
+    }
     model = _assemble(
         arch, body, num_classes, fpn_channels, head_norm, anchor_sizes, sizes, detector_kwargs
     )
     batch_independent_group_norms(model)  # one image alone on a 1x1 map: see models/norm.py
+    if box_loss is not None:
+        head: Any = model.head
+        regression: Any = head.regression_head
+        regression._loss_type = box_loss
 
     if weights is not None:
         state, source = load_weights(weights)
-        load_state_dict_checked(model, state, source=source)
-        if source in _EPS_ZERO_WEIGHTS:
-            for module in model.modules():
-                if isinstance(module, FrozenBatchNorm2d):
-                    module.eps = 0.0
+        load_pretrained(model, state, source=source)
 
     spec: dict[str, Any] = {
         "arch": arch,
         "backbone": backbone,
         "num_classes": num_classes,
         "fpn_channels": fpn_channels,
-        "min_size": min_size,
+        "min_size": list(min_size) if isinstance(min_size, list | tuple) else min_size,
         "max_size": max_size,
         "trainable_layers": trainable_layers,
         "frozen_bn": frozen_bn,
         "head_norm": head_norm,
-        "anchor_sizes": list(anchor_sizes) if anchor_sizes is not None else None,
+        "anchor_sizes": (
+            [x if isinstance(x, int) else list(x) for x in anchor_sizes]
+            if anchor_sizes is not None
+            else None
+        ),
         **detector_kwargs,
     }
+    # Options added later are recorded only when set, so earlier specs stay as they were.
+    options = {
+        "p6_from": (p6_from, "p5"),
+        "fpn_norm": (fpn_norm, None),
+        "frozen_bn_eps": (frozen_bn_eps, None),
+        "returned_layers": (list(returned_layers) if returned_layers else None, None),
+        "box_loss": (box_loss, None),
+    }
+    spec.update({k: v for k, (v, default) in options.items() if v != default})
     setattr(model, SPEC_ATTR, spec)
     logger.debug("built %s", spec)
     return model
@@ -526,7 +689,7 @@ def _assemble(
     num_classes: int,
     fpn_channels: int,
     head_norm: str | None,
-    anchor_sizes: Sequence[int] | None,
+    anchor_sizes: AnchorSizes | None,
     sizes: dict[str, Any],
     detector_kwargs: dict[str, Any],
 ) -> nn.Module:
@@ -551,7 +714,9 @@ def _assemble(
             head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=_group_norm)
         return FCOS(body, num_classes, head=head, **sizes, **detector_kwargs)
     if arch in ("faster_rcnn", "mask_rcnn"):
-        anchors = _rpn_anchors(anchor_sizes)
+        getter: Any = body.body
+        num_levels = len(getter.return_layers) + 1  # + the max-pooled level
+        anchors = _rpn_anchors(anchor_sizes, num_levels)
         rcnn: dict[str, Any] = {
             "rpn_anchor_generator": anchors,
             "rpn_head": RPNHead(
@@ -560,13 +725,14 @@ def _assemble(
                 conv_depth=2 if head_norm else 1,
             ),
         }
-        if head_norm == "group":
+        head_norm_layer = _norm_layer(head_norm, "head_norm")
+        if head_norm_layer is not None:
             rcnn["box_head"] = FastRCNNConvFCHead(
-                (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=_group_norm
+                (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=head_norm_layer
             )
             if arch == "mask_rcnn":
                 rcnn["mask_head"] = MaskRCNNHeads(
-                    fpn_channels, [256] * 4, 1, norm_layer=_group_norm
+                    fpn_channels, [256] * 4, 1, norm_layer=head_norm_layer
                 )
         cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
         return cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)

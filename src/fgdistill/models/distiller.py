@@ -47,6 +47,7 @@ __all__ = [
     "DistillBatch",
     "Distiller",
     "InheritReport",
+    "class_specific_prefixes",
     "detector_family",
     "inherit_weights",
 ]
@@ -65,6 +66,16 @@ INHERIT_PREFIXES: tuple[str, ...] = (
     "roi_heads.",
     "moment_transfer",
 )
+
+#: State-dict prefixes of the class-specific layers of each family: those whose outputs are one
+#: per class, which mean nothing in another label space (inheriting skips them then).
+CLASS_SPECIFIC_PREFIXES: dict[str, tuple[str, ...]] = {
+    "retinanet": ("head.classification_head.cls_logits.",),
+    "fcos": ("head.classification_head.cls_logits.",),
+    "reppoints": ("head.cls_out.",),
+    "faster_rcnn": ("roi_heads.box_predictor.",),
+    "mask_rcnn": ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."),
+}
 
 _LEVEL_RE = re.compile(r"p[1-9]\d*")
 
@@ -90,6 +101,12 @@ def detector_family(model: nn.Module) -> str | None:
     return None
 
 
+def class_specific_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of ``model``'s class-specific layers (empty for an unknown family)."""
+    family = detector_family(model)
+    return CLASS_SPECIFIC_PREFIXES.get(family, ()) if family else ()
+
+
 @dataclass(frozen=True)
 class InheritReport:
     """What :func:`inherit_weights` copied from the teacher into the student, and what it skipped.
@@ -106,6 +123,8 @@ class InheritReport:
     wrong_shape: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     not_in_student: tuple[str, ...] = ()
     not_in_teacher: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    """teacher keys left out on purpose (the class-specific layers of another label space)"""
 
     def describe(self) -> str:
         """One line: counts, and the first skipped keys of each kind."""
@@ -114,6 +133,11 @@ class InheritReport:
             return ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
 
         parts = [f"copied {len(self.copied)} tensors from the teacher"]
+        if self.excluded:
+            parts.append(
+                f"skipped {len(self.excluded)} class-specific tensors of another label space "
+                f"({first(self.excluded)})"
+            )
         if self.wrong_shape:
             parts.append(
                 f"skipped {len(self.wrong_shape)} of another shape "
@@ -132,14 +156,22 @@ class InheritReport:
 
 
 def inherit_weights(
-    student: nn.Module, teacher: nn.Module, prefixes: Sequence[str] = INHERIT_PREFIXES
+    student: nn.Module,
+    teacher: nn.Module,
+    prefixes: Sequence[str] = INHERIT_PREFIXES,
+    *,
+    exclude: Sequence[str] = (),
 ) -> InheritReport:
     """Copy the teacher's tensors under ``prefixes`` into the student where names and shapes match.
 
     The student's backbone body is untouched (it is not under any default prefix). Copying is
-    in place, without gradients, converting device and dtype to the student's.
+    in place, without gradients, converting device and dtype to the student's. Keys under
+    ``exclude`` (e.g. :func:`class_specific_prefixes` when the label spaces differ) are not
+    copied and are listed in ``report.excluded``.
     """
     prefix_tuple = tuple(prefixes)
+    exclude_tuple = tuple(exclude)
+    excluded: list[str] = []
     own = student.state_dict()
     theirs = teacher.state_dict()
     copied: list[str] = []
@@ -149,6 +181,9 @@ def inherit_weights(
         for key, value in theirs.items():
             if not key.startswith(prefix_tuple):
                 continue
+            if exclude_tuple and key.startswith(exclude_tuple):
+                excluded.append(key)
+                continue
             if key not in own:
                 not_in_student.append(key)
             elif own[key].shape != value.shape:
@@ -156,8 +191,20 @@ def inherit_weights(
             else:
                 own[key].copy_(value)
                 copied.append(key)
-    not_in_teacher = [k for k in own if k.startswith(prefix_tuple) and k not in theirs]
-    return InheritReport(tuple(copied), wrong_shape, tuple(not_in_student), tuple(not_in_teacher))
+    not_in_teacher = [
+        k
+        for k in own
+        if k.startswith(prefix_tuple)
+        and k not in theirs
+        and not (exclude_tuple and k.startswith(exclude_tuple))
+    ]
+    return InheritReport(
+        tuple(copied),
+        wrong_shape,
+        tuple(not_in_student),
+        tuple(not_in_teacher),
+        tuple(excluded),
+    )
 
 
 @dataclass
@@ -285,6 +332,8 @@ class Distiller(nn.Module):
             the preset's, the published configs' settings.
         inherit_teacher: copy the teacher's FPN and head weights into the student where names
             and shapes match (see :attr:`inherit_report`), after every other initialisation.
+            ``inherit_exclude``: state-dict prefixes not inherited, e.g.
+            :func:`class_specific_prefixes` of the student when the two label spaces differ.
         method: ``"fgd"``, ``"mse"`` (the plain feature-imitation baseline), ``"pkd"``,
             ``"cwd"`` or ``"mgd"``.
         split_regions: ``True`` (FGD): foreground (inside the boxes) and background are weighted
@@ -314,6 +363,7 @@ class Distiller(nn.Module):
         split_regions: bool = True,
         normalize: str = "none",
         family: str | None = None,
+        inherit_exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if student is teacher:
@@ -389,7 +439,7 @@ class Distiller(nn.Module):
         # Last, after every initialisation, so nothing overwrites the inherited weights.
         self.inherit_report: InheritReport | None = None
         if inherit_teacher:
-            report = inherit_weights(student, teacher)
+            report = inherit_weights(student, teacher, exclude=inherit_exclude)
             self.inherit_report = report
             log = logger.warning if not report.copied else logger.info
             log("inheriting the teacher's neck and heads: %s", report.describe())
