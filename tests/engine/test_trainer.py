@@ -11,13 +11,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fgdistill.engine.trainer import (
+from fgdistill.engine.hooks import (
     CheckpointHook,
     EvalHook,
     FGDWarmupHook,
-    HookBase,
     LoggerHook,
     LRScheduleHook,
+)
+from fgdistill.engine.trainer import (
+    HookBase,
     Trainer,
     WarmupMultiStepSchedule,
     build_optimizer,

@@ -35,6 +35,13 @@ from fgdistill.data.check import check_image_files
 from fgdistill.engine import distributed as du
 from fgdistill.engine.checkpoint import save_checkpoint
 from fgdistill.engine.config import TrainConfig, detector_kwargs, dump_config, load_config
+from fgdistill.engine.hooks import (
+    CheckpointHook,
+    EvalHook,
+    FGDWarmupHook,
+    LoggerHook,
+    LRScheduleHook,
+)
 from fgdistill.engine.inference import (
     build_datasets,
     check_same_categories,
@@ -42,12 +49,7 @@ from fgdistill.engine.inference import (
     evaluate_model,
 )
 from fgdistill.engine.trainer import (
-    CheckpointHook,
-    EvalHook,
-    FGDWarmupHook,
     HookBase,
-    LoggerHook,
-    LRScheduleHook,
     Trainer,
     WarmupMultiStepSchedule,
     build_optimizer,
