@@ -15,13 +15,9 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from fgdistill.errors import CheckpointError, ConfigError
-from fgdistill.models.build import (
-    build_detector,
-    load_detector,
-    load_state_dict_checked,
-    model_spec,
-)
+from fgdistill.models.build import build_detector, load_detector, model_spec
 from fgdistill.models.checkpoint import save_model_spec
+from fgdistill.models.weights import load_state_dict_checked
 
 TINY: dict[str, Any] = {
     "backbone": "resnet18",

@@ -6,15 +6,7 @@ What users call is exported here; the rest is in the submodules (:mod:`~fgdistil
 :mod:`~fgdistill.models.torchvision_zoo`).
 """
 
-from fgdistill.models.build import (
-    ARCHS,
-    BACKBONES,
-    LoadReport,
-    build_detector,
-    load_detector,
-    load_state_dict_checked,
-    model_spec,
-)
+from fgdistill.models.build import ARCHS, BACKBONES, build_detector, load_detector, model_spec
 from fgdistill.models.distiller import Distiller, InheritReport, inherit_weights
 from fgdistill.models.levels import LevelInfo, feature_levels
 from fgdistill.models.torchvision_zoo import (
@@ -24,6 +16,7 @@ from fgdistill.models.torchvision_zoo import (
     from_torchvision,
     torchvision_spec,
 )
+from fgdistill.models.weights import LoadReport, load_state_dict_checked
 
 __all__ = [
     "ARCHS",

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from fgdistill.errors import ConfigError
 from fgdistill.io import atomic_write, write_json
-from fgdistill.models.build import build_detector, load_state_dict_checked, model_spec
+from fgdistill.models.build import build_detector, model_spec
 from fgdistill.models.checkpoint import load_checkpoint, save_model_spec, state_dict_of
+from fgdistill.models.weights import load_state_dict_checked
 
 __all__ = [
     "TORCHVISION_MODELS",
