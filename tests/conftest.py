@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fgdistill.data.synth import generate_synthetic
 
@@ -20,3 +22,15 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic(root, num_train=8, num_val=4, image_size=96, seed=0)
     return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test's tiny models single-threaded: on a shared 2-core machine that is several times
+    faster than two threads fighting over the cores, and the results do not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ The benchmark plans (``bench/``, ``demo/``) are checked by the plan loader.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,7 @@ PLANS = [n for n in CONFIGS if n not in TRAIN_CONFIGS]
 HEAVY = {n for n in TRAIN_CONFIGS if "x101" in n}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One thread: on the shared 2-core CI machine faster than two fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
