@@ -156,18 +156,12 @@ def _list_configs() -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train(cfg: Any, args: argparse.Namespace) -> Any:
+    """Run ``train`` or ``distill`` with the command's options; release the process group."""
     from fgdistill.engine.runner import train
 
-    if args.list_configs:
-        return _list_configs()
-    cfg = _load(args)
-    if cfg.distill is not None:
-        raise ConfigError(
-            f"{args.config}: has a 'distill' section; run it with `fgdistill distill`"
-        )
     try:
-        result = train(
+        return train(
             cfg,
             resume=args.resume,
             progress=not args.no_progress,
@@ -176,14 +170,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         cleanup()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.list_configs:
+        return _list_configs()
+    cfg = _load(args)
+    if cfg.distill is not None:
+        raise ConfigError(
+            f"{args.config}: has a 'distill' section; run it with `fgdistill distill`"
+        )
+    result = _train(cfg, args)
     if _rank0():
         _print_outputs(result)
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from fgdistill.engine.runner import train
-
     if args.list_configs:
         return _list_configs()
     cfg = _load(args)
@@ -194,16 +197,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         )
     if args.teacher:
         cfg.distill.teacher_checkpoint = args.teacher
-    try:
-        result = train(
-            cfg,
-            resume=args.resume,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-            allow_config_change=args.allow_config_change,
-        )
-    finally:
-        cleanup()
+    result = _train(cfg, args)
     if _rank0():
         _print_outputs(result)
         print(f"  {'student':12s} {result.model_path} (plain detector state dict)")
