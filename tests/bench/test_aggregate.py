@@ -99,3 +99,14 @@ def test_results_files_hold_both_sets_and_no_nan(tmp_path: Path) -> None:
     assert "retinanet fgd: 4.50 AP, +4.00 over base on seeds [0], 53.3% of the gap" in md
     records |= {(n, 0): _rec(2.0) for n in ("imit", "big_batch", "base_long", "fgd_long")}
     assert write_results(plan, records, tmp_path, command="c", wall_s=1.0)["status"] == "complete"
+
+
+def test_a_row_whose_baseline_is_skipped_has_no_gain(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(CONFIG + "skip_rows: [base]\n")
+    plan = load_plan(cfg, rows=["fgd"], seeds=[0])
+    assert [r.name for r in plan.rows] == ["fgd"]
+    data = summarise(plan, {("retinanet", None): _rec(9.0), ("fgd", 0): _rec(5.0)})
+    (fgd,) = data["rows"]
+    assert fgd["paired_seeds"] == [] and math.isnan(fgd["gain_AP"])
+    assert "retinanet fgd: no seed in common with base." not in conclusions(data)

@@ -117,7 +117,8 @@ def _gain(
     base_ap = _mean_std([theirs[s].get("AP", math.nan) for s in paired])[0]
     teacher = teachers.get(plan.teacher_family(row.family), {}).get("metrics", {})
     gap = teacher.get("AP", math.nan) - base_ap
-    same_budget = base is None or _budget(plan.row(base)) == _budget(row)
+    in_plan = {r.name: r for r in plan.rows}
+    same_budget = base not in in_plan or _budget(in_plan[base]) == _budget(row)
     return {
         "paired_seeds": paired,
         "gain_AP": ap - base_ap,
