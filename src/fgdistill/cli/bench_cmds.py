@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fgdistill.cli.train_cmds import resolve_config_path
+from fgdistill.cli.train_cmds import add_common_options, resolve_config_path
 
 __all__ = ["register"]
 
@@ -15,17 +15,12 @@ def _common(p: argparse.ArgumentParser, config: str, work_dir: str) -> None:
     p.add_argument(
         "--config", default=config, help=f"YAML file or packaged name (default: {config})"
     )
-    p.add_argument("--work-dir", type=Path, default=None, help=f"default: {work_dir}")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set families.retinanet.teacher.optim.epochs=24",
+    add_common_options(
+        p,
+        work_dir_help=f"default: {work_dir}",
+        set_example="families.retinanet.teacher.optim.epochs=24",
     )
     p.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def register(subparsers: Any) -> None:

@@ -49,7 +49,10 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _add_common(parser: argparse.ArgumentParser, *, work_dir_help: str) -> None:
+def add_common_options(
+    parser: argparse.ArgumentParser, *, work_dir_help: str, set_example: str = "optim.lr=0.02"
+) -> None:
+    """``--work-dir``, ``--set KEY=VALUE`` (repeatable) and ``--no-progress``."""
     parser.add_argument("--work-dir", type=Path, default=None, help=work_dir_help)
     parser.add_argument(
         "--set",
@@ -57,7 +60,7 @@ def _add_common(parser: argparse.ArgumentParser, *, work_dir_help: str) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.02 (repeatable; YAML values)",
+        help=f"override a config value, e.g. --set {set_example} (repeatable; YAML values)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -90,7 +93,7 @@ def register(subparsers: Any) -> None:
         )
         if name == "distill":
             p.add_argument("--teacher", default=None, help="teacher checkpoint (overrides config)")
-        _add_common(p, work_dir_help="output folder (default: the config's work_dir)")
+        add_common_options(p, work_dir_help="output folder (default: the config's work_dir)")
         p.set_defaults(func=_cmd_train if name == "train" else _cmd_distill)
 
     p = subparsers.add_parser(
@@ -98,7 +101,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("config", help="YAML config file or packaged config name (for the data)")
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pt) to evaluate")
-    _add_common(p, work_dir_help="where eval_metrics.json goes (default: beside the checkpoint)")
+    add_common_options(
+        p, work_dir_help="where eval_metrics.json goes (default: beside the checkpoint)"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser(
@@ -113,7 +118,7 @@ def register(subparsers: Any) -> None:
         "--score-threshold", type=float, default=0.3, help="draw detections at or above this"
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    _add_common(p, work_dir_help="output folder (default: predictions)")
+    add_common_options(p, work_dir_help="output folder (default: predictions)")
     p.set_defaults(func=_cmd_predict)
 
 
