@@ -10,6 +10,7 @@ The benchmark plans (``bench/``, ``demo/``) are checked by the plan loader.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ TRAIN_CONFIGS = [
 PLANS = [n for n in CONFIGS if n not in TRAIN_CONFIGS]
 #: configs with a ResNeXt-101 64x4d: some seconds each even at 64 px
 HEAVY = {n for n in TRAIN_CONFIGS if "x101" in n}
+
+
+def _teacher_of(name: str) -> str | None:
+    distill = yaml.safe_load(resolve_config_path(name).read_text()).get("distill")
+    if not distill:
+        return None
+    return f"{name.split('/')[0]}/{Path(distill['teacher_checkpoint']).parent.name}"
+
+
+#: configs that another config distils from: their ``model.pt`` is kept for the session
+TEACHERS = {t for t in map(_teacher_of, TRAIN_CONFIGS) if t is not None}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +98,7 @@ def _run(name: str, root: Path, tmp: Path) -> tuple[Any, float]:
     overrides = _overrides(name, root, tmp / name.replace("/", "_"))
     cfg = load_config(resolve_config_path(name), overrides)
     if cfg.distill is not None:
-        teacher_name = f"{name.split('/')[0]}/{Path(cfg.distill.teacher_checkpoint).parent.name}"
+        teacher_name = _teacher_of(name)
         assert teacher_name in TRAIN_CONFIGS, f"{name}: no config for its teacher {teacher_name}"
         if teacher_name not in _TRAINED:
             _TRAINED[teacher_name] = _run(teacher_name, root, tmp)[0].model_path
@@ -94,8 +106,25 @@ def _run(name: str, root: Path, tmp: Path) -> tuple[Any, float]:
     torch.manual_seed(0)
     start = time.perf_counter()
     result = train(cfg, progress=False)
-    _TRAINED.setdefault(name, result.model_path)
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    assert result.model_path.is_file() and (result.model_path.parent / "model.yaml").is_file()
+    _prune(result.model_path.parent, keep=name in TEACHERS)
+    if name in TEACHERS:
+        _TRAINED.setdefault(name, result.model_path)
+    return result, seconds
+
+
+def _prune(work_dir: Path, keep: bool) -> None:
+    """Free the disk a full-size model's checkpoints take (some GB for all configs together).
+
+    A teacher keeps its weights file and ``model.yaml`` for its students; everything else goes.
+    """
+    if not keep:
+        shutil.rmtree(work_dir)
+        return
+    for path in work_dir.iterdir():
+        if path.suffix != ".yaml" and path.name not in {"model.pt", "student.pt"}:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @pytest.mark.parametrize(
@@ -108,7 +137,6 @@ def test_config_trains_and_evaluates(
     result, seconds = _run(name, tiny_coco, tmp_path_factory.mktemp("cfg"))
     assert result.iterations == 2
     assert "AP" in result.metrics["bbox"]
-    assert result.model_path.is_file() and (result.model_path.parent / "model.yaml").is_file()
     print(f"{name}: {seconds:.1f}s")
 
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fgdistill.engine.distributed import cleanup
+from fgdistill.engine.distributed import barrier, cleanup
 from fgdistill.errors import ConfigError
 
 __all__ = ["packaged_configs", "register", "resolve_config_path"]
@@ -166,13 +166,16 @@ def _train(cfg: Any, args: argparse.Namespace) -> Any:
     from fgdistill.engine.runner import train
 
     try:
-        return train(
+        result = train(
             cfg,
             resume=args.resume,
             progress=not args.no_progress,
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
         )
+        # no rank tears the process group down while another still talks to it (gloo aborts)
+        barrier()
+        return result
     finally:
         cleanup()
 
@@ -216,6 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg.work_dir = str(args.work_dir or Path(args.checkpoint).parent)
     try:
         metrics = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+        barrier()
     finally:
         cleanup()
     if not _rank0():
