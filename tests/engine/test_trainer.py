@@ -404,3 +404,33 @@ def test_resuming_with_another_optimizer_is_a_checkpoint_error(tmp_path: Path) -
     ckpt["optimizer"] = None  # what the runner passes when the change is allowed
     resumed.load_state_dict(ckpt)
     assert resumed.iter == 2
+
+
+def test_adamw_is_fused_on_the_cpu_and_matches_the_loop_implementation() -> None:
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1))
+
+    torch.manual_seed(0)
+    reference, fused_model = net(), net()
+    fused_model.load_state_dict(reference.state_dict())
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    fused = build_optimizer(groups(fused_model), name="adamw", lr=1e-2, weight_decay=0.05)
+    looped = torch.optim.AdamW(groups(reference), lr=1e-2, weight_decay=0.05)
+    assert fused.defaults["fused"] is True
+    assert not looped.defaults["fused"]
+    for step in range(5):
+        x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((reference, looped), (fused_model, fused)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    trained = fused_model.state_dict()
+    for name, value in reference.state_dict().items():
+        assert not torch.equal(value, start[name]), name  # five steps moved every tensor
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)

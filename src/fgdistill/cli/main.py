@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "threads"):
+            from fgdistill.engine.threads import fit_threads
+
+            fit_threads(args.threads)
         return int(args.func(args) or 0)
     except (
         FgdistillError,

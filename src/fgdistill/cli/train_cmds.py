@@ -52,7 +52,7 @@ def _rank0() -> bool:
 def add_common_options(
     parser: argparse.ArgumentParser, *, work_dir_help: str, set_example: str = "optim.lr=0.02"
 ) -> None:
-    """``--work-dir``, ``--set KEY=VALUE`` (repeatable) and ``--no-progress``."""
+    """``--work-dir``, ``--set KEY=VALUE`` (repeatable), ``--no-progress`` and ``--threads``."""
     parser.add_argument("--work-dir", type=Path, default=None, help=work_dir_help)
     parser.add_argument(
         "--set",
@@ -63,6 +63,14 @@ def add_common_options(
         help=f"override a config value, e.g. --set {set_example} (repeatable; YAML values)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: the cores no other process keeps busy at the start, unless "
+        "OMP_NUM_THREADS is set)",
+    )
 
 
 def register(subparsers: Any) -> None:
