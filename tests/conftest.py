@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +34,33 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_plan() -> Callable[[str], list[str]]:
+    """``--set`` items that shrink a benchmark plan (``demo``, ``bench quality``) to seconds.
+
+    Called with the family whose teacher and students to shrink: 8 + 4 images, no held-out set,
+    a 32-channel FPN without GroupNorm, batches of 4, a ResNet-18 teacher, one epoch each.
+    """
+
+    def sets(family: str) -> list[str]:
+        fam = f"families.{family}"
+        return [
+            "synth.num_train=8",
+            "synth.num_val=4",
+            "heldout.images=0",
+            "common.model.fpn_channels=32",
+            "common.model.head_norm=null",
+            "common.data.batch_size=4",
+            "common.log_interval=1",
+            "common.optim.warmup_iters=1",
+            f"{fam}.teacher.model.backbone=resnet18",
+            f"{fam}.teacher.optim.epochs=1",
+            f"{fam}.teacher.optim.milestones=[]",
+            f"{fam}.student.optim.epochs=1",
+            f"{fam}.student.optim.milestones=[]",
+            f"{fam}.distill.fgd_warmup_iters=1",
+        ]
+
+    return sets

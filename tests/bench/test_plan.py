@@ -75,7 +75,7 @@ def test_the_demo_is_a_plan_of_two_rows() -> None:
     plan = load_plan(DEMO)
     assert [(r.name, r.baseline) for r in plan.rows] == [("baseline", None), ("fgd", "baseline")]
     assert plan.seeds == [0] and plan.heldout.images == 0
-    teacher, (base, fgd) = plan.teachers["retinanet"], plan.rows
+    teacher, (base, fgd) = plan.teachers["reppoints"], plan.rows
     assert teacher.model.backbone == "resnet50" and base.config.model.backbone == "resnet18"
     assert teacher.optim.epochs > fgd.config.optim.epochs == base.config.optim.epochs
     assert fgd.config.distill is not None and fgd.config.distill.inherit_teacher

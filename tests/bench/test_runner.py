@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,35 +16,29 @@ from fgdistill.engine.config import TrainConfig
 
 QUALITY = Path(__file__).resolve().parents[2] / "src/fgdistill/configs/bench/quality.yaml"
 
-TINY = [
-    "synth.num_train=8",
-    "synth.num_val=4",
-    "heldout.images=0",
-    "common.model.fpn_channels=32",
-    "common.model.head_norm=null",
-    "common.data.batch_size=4",
-    "common.log_interval=1",
-    "common.optim.warmup_iters=1",
-    "families.retinanet.teacher.model.backbone=resnet18",
-    "families.retinanet.teacher.optim.epochs=1",
-    "families.retinanet.teacher.optim.milestones=[]",
-    "families.retinanet.student.optim.epochs=1",
-    "families.retinanet.student.optim.milestones=[]",
-    "families.retinanet.distill.fgd_warmup_iters=1",
-]
+Args = Callable[..., list[str]]
 
 
-def _args(work: Path, *rows: str, seeds: str = "0") -> list[str]:
-    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--rows", *rows]
-    args += ["--seeds", *seeds.split()]
-    for item in TINY:
-        args += ["--set", item]
-    return args
+@pytest.fixture
+def tiny(tiny_plan: Callable[[str], list[str]]) -> list[str]:
+    return tiny_plan("retinanet")
+
+
+@pytest.fixture(name="_args")
+def _args_fixture(tiny: list[str]) -> Args:
+    def make(work: Path, *rows: str, seeds: str = "0") -> list[str]:
+        args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--rows", *rows]
+        args += ["--seeds", *seeds.split()]
+        for item in tiny:
+            args += ["--set", item]
+        return args
+
+    return make
 
 
 @pytest.mark.slow
 def test_bench_trains_scores_and_reuses_every_stage(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], _args: Args
 ) -> None:
     work = tmp_path / "bench"
     args = [*_args(work, "fg_bg_joint", "fgd", seeds="0 1"), "--set", "heldout.images=6"]
@@ -103,7 +98,7 @@ def test_bench_trains_scores_and_reuses_every_stage(
 
 @pytest.mark.slow
 def test_workers_train_the_stages_a_serial_run_reuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], _args: Args
 ) -> None:
     work = tmp_path / "bench"
     args = [*_args(work, "fgd"), "--no-report"]
@@ -125,8 +120,8 @@ def _fake_train(cfg: TrainConfig, *, resume: bool, progress: bool, **_: object) 
     return SimpleNamespace(metrics={"bbox": {"AP": float(cfg.seed)}}, iterations=3, wall_time=0.0)
 
 
-def test_a_stage_held_by_another_process_is_left_to_it(tmp_path: Path) -> None:
-    plan = load_plan(QUALITY, TINY, rows=["baseline"], seeds=[0, 1])
+def test_a_stage_held_by_another_process_is_left_to_it(tmp_path: Path, tiny: list[str]) -> None:
+    plan = load_plan(QUALITY, tiny, rows=["baseline"], seeds=[0, 1])
     lines: list[str] = []
     with stage_lock(tmp_path / "seed1" / "baseline", wait=False) as free:
         assert free
@@ -140,7 +135,7 @@ def test_a_stage_held_by_another_process_is_left_to_it(tmp_path: Path) -> None:
     assert any("seed 0 baseline: reusing" in line for line in lines)
     assert any("seed 1 baseline (retinanet resnet18): training" in line for line in lines)
     lines.clear()
-    changed = load_plan(QUALITY, [*TINY, "common.optim.lr=0.5"], rows=["baseline"], seeds=[0])
+    changed = load_plan(QUALITY, [*tiny, "common.optim.lr=0.5"], rows=["baseline"], seeds=[0])
     records = run_bench(changed, tmp_path, train_fn=_fake_train, say=lines.append)
     assert not any("reusing" in line for line in lines if "data" not in line)
     assert records[("baseline", 0)].metrics == {"AP": 0.0}
