@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -383,18 +382,6 @@ def test_rejects_backbone_without_out_channels() -> None:
         RepPoints(nn.Identity(), NUM_CLASSES)
     with pytest.raises(ValueError, match="num_classes"):
         RepPoints(small_backbone(), 1)
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    made this test up to 10x slower (measured); one thread keeps it near 20 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
