@@ -110,3 +110,48 @@ def test_a_row_whose_baseline_is_skipped_has_no_gain(tmp_path: Path) -> None:
     (fgd,) = data["rows"]
     assert fgd["paired_seeds"] == [] and math.isnan(fgd["gain_AP"])
     assert "retinanet fgd: no seed in common with base." not in conclusions(data)
+
+
+def test_mask_rows_get_mask_ap_its_gain_and_share(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        """
+families: {mask_rcnn: {teacher: {model: {arch: mask_rcnn}}, student: {model: {arch: mask_rcnn}}}}
+rows:
+  - {name: base}
+  - {name: fgd, distill: {}}
+  - {name: imit, distill: {method: mse}}
+compare: {fgd_vs_imitation: [fgd, imit]}
+"""
+    )
+    plan = load_plan(cfg, seeds=[0, 1])
+
+    def rec(ap: float, mask_ap: float) -> StageRecord:
+        return StageRecord("fp", "mask_rcnn resnet50", {"AP": ap, "mask_AP": mask_ap}, 10.0, 5)
+
+    records = {("mask_rcnn", None): rec(10.0, 8.0)}
+    records |= {("base", 0): rec(2.0, 1.0), ("base", 1): rec(4.0, 3.0)}
+    records |= {("fgd", 0): rec(6.0, 4.0), ("fgd", 1): rec(8.0, 6.0)}
+    records |= {("imit", 0): rec(5.0, 5.0), ("imit", 1): rec(5.0, 7.0)}
+    data = summarise(plan, records)
+    fgd = next(r for r in data["rows"] if r["name"] == "fgd")
+    assert fgd["metrics"]["mask_AP"]["mean"] == pytest.approx(5.0)
+    assert fgd["gain_mask_AP"] == pytest.approx(3.0) and fgd["gap_mask_AP"] == pytest.approx(6.0)
+    assert fgd["gap_share_mask"] == pytest.approx(0.5)
+    text = "\n".join(conclusions(data))
+    assert "mask_rcnn: teacher 8.00 vs base 2.00 mask AP (gap +6.00)." in text
+    assert "mask_rcnn fgd: 5.00 mask AP, +3.00 over base on seeds [0, 1], 50.0% of the gap" in text
+    # the order by box AP and by mask AP differ here, and both are stated
+    assert "fgd_vs_imitation: fgd 7.00 > imit 5.00." in text
+    assert "fgd_vs_imitation (mask AP): imit 6.00 > fgd 5.00." in text
+    md = render_markdown({**data, "conclusions": [], **_RUN, "synth": {"num_val": 4, "seed": 0}})
+    assert "| gain AP | gap closed | mask AP | mask gain | mask gap closed | wall/seed |" in md
+    assert "| 4.00 | 57% | 5.00 ± 1.41 | 3.00 | 50% | 0m10s |" in md
+    assert "| teacher (mask_rcnn) | mask_rcnn resnet50 | 1 | 10.00 |" in md and "| 8.00 | | |" in md
+
+
+def test_box_only_tables_have_no_mask_columns(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, [0])
+    data = summarise(plan, {("retinanet", None): _rec(9.0), ("base", 0): _rec(1.0)})
+    md = render_markdown({**data, "conclusions": [], **_RUN, "synth": {"num_val": 4, "seed": 0}})
+    assert "mask" not in md and not any("mask" in c for c in conclusions(data))

@@ -139,3 +139,29 @@ def test_a_stage_held_by_another_process_is_left_to_it(tmp_path: Path, tiny: lis
     records = run_bench(changed, tmp_path, train_fn=_fake_train, say=lines.append)
     assert not any("reusing" in line for line in lines if "data" not in line)
     assert records[("baseline", 0)].metrics == {"AP": 0.0}
+
+
+@pytest.mark.slow
+def test_mask_rcnn_rows_are_scored_on_masks_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_plan: Callable[[str], list[str]]
+) -> None:
+    work = tmp_path / "bench"
+    args = ["bench", "quality", "--work-dir", str(work), "--no-progress", "--no-report"]
+    args += ["--rows", "mask_rcnn_fgd_norm", "--seeds", "0"]
+    for item in [*tiny_plan("mask_rcnn"), "heldout.images=4"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mask_rcnn_fgd_norm: held-out AP 0.00, mask AP 0.00" in out
+    assert "| mask AP | mask gain | mask gap closed |" in out
+    for folder in (work / "teacher_mask_rcnn", work / "seed0/mask_rcnn_fgd_norm"):
+        record = read_record(folder)
+        assert record is not None
+        for metrics in (record.metrics, record.heldout_metrics):
+            assert {"AP", "mask_AP", "mask_AP50"} <= set(metrics)
+    data = json.loads((work / "results.json").read_text())
+    fgd = next(r for r in data["heldout"]["rows"] if r["name"] == "mask_rcnn_fgd_norm")
+    assert "gain_mask_AP" in fgd and fgd["paired_seeds"] == [0]
+    # the family distils the two-stage levels with the released two-stage weights
+    config = (work / "seed0/mask_rcnn_fgd_norm/config.yaml").read_text()
+    assert "levels: [p2, p3, p4, p5]" in config and "preset: mask_rcnn" in config

@@ -106,6 +106,16 @@ def test_group_norm_heads_and_anchor_sizes() -> None:
     assert any(isinstance(m, nn.GroupNorm) for m in rcnn.roi_heads.box_head.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in rcnn.roi_heads.mask_head.modules())
     assert rcnn.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    # the GroupNorm mask head is as wide as the FPN, and its predictor takes that width
+    widths = {
+        m.out_channels for m in rcnn.roi_heads.mask_head.modules() if isinstance(m, nn.Conv2d)
+    }
+    assert widths == {TINY["fpn_channels"]}
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[:, 8:40, 8:40] = 1
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    losses = rcnn([torch.rand(3, 64, 64)], [{**target, "masks": mask}])
+    assert torch.isfinite(losses["loss_mask"])
     fcos = build_detector("fcos", **{**TINY, "fpn_channels": 48})  # 48 is no multiple of 32
     norms = [m for m in fcos.head.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(48 % m.num_groups == 0 for m in norms)

@@ -21,10 +21,12 @@ from fgdistill.bench.runner import StageRecord, mmss
 from fgdistill.evaluation import METRIC_NAMES
 from fgdistill.io import atomic_write_text, read_jsonl, write_json
 
-__all__ = ["METRICS", "conclusions", "machine_line", "render_markdown", "summarise"]
+__all__ = ["MASK_METRIC", "METRICS", "conclusions", "machine_line", "render_markdown", "summarise"]
 
 #: The box metrics of the tables.
 METRICS: tuple[str, ...] = METRIC_NAMES[:6]
+#: The mask metric of the tables, for the rows of detectors scored on masks (Mask R-CNN).
+MASK_METRIC = "mask_AP"
 Records = Mapping[tuple[str, int | None], StageRecord]
 
 
@@ -49,8 +51,9 @@ def summarise(plan: BenchPlan, records: Records, *, heldout: bool = False) -> di
 
     The gain and the share of the teacher-baseline gap it closes are paired by seed: taken over
     the seeds the row and its baseline both have. A row on another budget than its baseline
-    gets its gain but no share. ``heldout`` takes the held-out metrics instead of the
-    validation split's.
+    gets its gain but no share. Rows scored on masks get the same for mask AP
+    (``gain_mask_AP``, ``gap_mask_AP``, ``gap_share_mask``; NaN for the others). ``heldout``
+    takes the held-out metrics instead of the validation split's.
     """
 
     def metrics(record: StageRecord) -> dict[str, float]:
@@ -93,11 +96,14 @@ def summarise(plan: BenchPlan, records: Records, *, heldout: bool = False) -> di
                         strict=True,
                     )
                 )
-                for m in METRICS
+                for m in (*METRICS, MASK_METRIC)
             },
             "wall_time_s": sum(walls) / len(walls) if walls else math.nan,
         }
-        entry.update(_gain(plan, row, per_row, teachers))
+        paired, gain, gap, share = _gain(plan, row, per_row, teachers, "AP")
+        entry.update({"paired_seeds": paired, "gain_AP": gain, "gap_AP": gap, "gap_share": share})
+        _, gain, gap, share = _gain(plan, row, per_row, teachers, MASK_METRIC)
+        entry.update({"gain_mask_AP": gain, "gap_mask_AP": gap, "gap_share_mask": share})
         out_rows.append(entry)
     return {"teachers": teachers, "rows": out_rows, "compare": plan.compare}
 
@@ -107,42 +113,48 @@ def _gain(
     row: Row,
     per_row: Mapping[str, Mapping[int, Mapping[str, float]]],
     teachers: Mapping[str, Mapping[str, Any]],
-) -> dict[str, Any]:
-    """A row's gain over its baseline and share of the gap, over the seeds both have."""
+    metric: str,
+) -> tuple[list[int], float, float, float]:
+    """A row's paired seeds, gain in ``metric`` over its baseline, the teacher-baseline gap and
+    the share of it closed, over the seeds both have."""
     base = row.baseline
     mine = per_row[row.name]
     theirs = per_row.get(base, {}) if base else {}
     paired = sorted(set(mine) & set(theirs))
-    ap = _mean_std([mine[s].get("AP", math.nan) for s in paired])[0]
-    base_ap = _mean_std([theirs[s].get("AP", math.nan) for s in paired])[0]
+    ap = _mean_std([mine[s].get(metric, math.nan) for s in paired])[0]
+    base_ap = _mean_std([theirs[s].get(metric, math.nan) for s in paired])[0]
     teacher = teachers.get(plan.teacher_family(row.family), {}).get("metrics", {})
-    gap = teacher.get("AP", math.nan) - base_ap
+    gap = teacher.get(metric, math.nan) - base_ap
     in_plan = {r.name: r for r in plan.rows}
     same_budget = base not in in_plan or _budget(in_plan[base]) == _budget(row)
-    return {
-        "paired_seeds": paired,
-        "gain_AP": ap - base_ap,
-        "gap_AP": gap,
-        "gap_share": (ap - base_ap) / gap if gap > 0 and same_budget else math.nan,
-    }
+    share = (ap - base_ap) / gap if gap > 0 and same_budget else math.nan
+    return paired, ap - base_ap, gap, share
 
 
 def conclusions(summary: Mapping[str, Any]) -> list[str]:
-    """Plain sentences computed from a summary: each gap, each gain, each compared group."""
+    """Plain sentences computed from a summary: each gap, each gain, each compared group; for
+    rows scored on masks, their mask AP too."""
     rows = {r["name"]: r for r in summary["rows"] if r["seeds"]}
     out: list[str] = []
 
-    def ap(name: str) -> tuple[float, float]:
-        stat = rows[name]["metrics"]["AP"]
-        return stat["mean"], stat["std"]
+    def stat(name: str, metric: str = "AP") -> tuple[float, float]:
+        value = rows[name]["metrics"].get(metric, {"mean": math.nan, "std": math.nan})
+        return value["mean"], value["std"]
+
+    def has_masks(name: str) -> bool:
+        return not math.isnan(stat(name, MASK_METRIC)[0])
 
     for fam, teacher in summary["teachers"].items():
         bases = dict.fromkeys(r["baseline"] for r in rows.values() if r["family"] == fam)
         for base in (b for b in bases if b in rows):
-            t_ap, b_ap = teacher["metrics"].get("AP", math.nan), ap(base)[0]
-            out.append(
-                f"{fam}: teacher {t_ap:.2f} vs {base} {b_ap:.2f} AP (gap {t_ap - b_ap:+.2f})."
-            )
+            for metric, label in (("AP", "AP"), (MASK_METRIC, "mask AP")):
+                if metric == MASK_METRIC and not has_masks(base):
+                    continue
+                t_ap, b_ap = teacher["metrics"].get(metric, math.nan), stat(base, metric)[0]
+                out.append(
+                    f"{fam}: teacher {t_ap:.2f} vs {base} {b_ap:.2f} {label} "
+                    f"(gap {t_ap - b_ap:+.2f})."
+                )
     for row in rows.values():
         base = row["baseline"]
         if base is None or base not in rows:
@@ -150,28 +162,36 @@ def conclusions(summary: Mapping[str, Any]) -> list[str]:
         if not row["paired_seeds"]:
             out.append(f"{row['family']} {row['name']}: no seed in common with {base}.")
             continue
-        spread = [s for s in (ap(base)[1], ap(row["name"])[1]) if not math.isnan(s)]
-        noise = max(spread, default=0.0)
-        beyond = (
-            "one seed, spread unknown"
-            if not noise
-            else "beyond twice the seed spread"
-            if abs(row["gain_AP"]) > 2 * noise
-            else "within twice the seed spread"
-        )
-        share = row["gap_share"]
-        share_text = "" if math.isnan(share) else f", {100 * share:.1f}% of the gap"
-        out.append(
-            f"{row['family']} {row['name']}: {ap(row['name'])[0]:.2f} AP, {row['gain_AP']:+.2f} "
-            f"over {base} on seeds {row['paired_seeds']}{share_text} ({beyond})."
-        )
+        measures = [("AP", "AP", "gain_AP", "gap_share")]
+        if has_masks(row["name"]):
+            measures.append((MASK_METRIC, "mask AP", "gain_mask_AP", "gap_share_mask"))
+        for metric, label, gain_key, share_key in measures:
+            spread = (stat(base, metric)[1], stat(row["name"], metric)[1])
+            noise = max((s for s in spread if not math.isnan(s)), default=0.0)
+            gain = row[gain_key]
+            beyond = (
+                "one seed, spread unknown"
+                if not noise
+                else "beyond twice the seed spread"
+                if abs(gain) > 2 * noise
+                else "within twice the seed spread"
+            )
+            share = row[share_key]
+            share_text = "" if math.isnan(share) else f", {100 * share:.1f}% of the gap"
+            out.append(
+                f"{row['family']} {row['name']}: {stat(row['name'], metric)[0]:.2f} {label}, "
+                f"{gain:+.2f} over {base} on seeds {row['paired_seeds']}{share_text} ({beyond})."
+            )
     for group, names in (summary.get("compare") or {}).items():
         if all(n in rows for n in names):
-            order = sorted(names, key=lambda n: -ap(n)[0])
-            text = " > ".join(f"{n} {ap(n)[0]:.2f}" for n in order)
             seeds = {tuple(rows[n]["seeds"]) for n in names}
             note = "" if len(seeds) == 1 else " (means over different seeds)"
-            out.append(f"{group}: {text}{note}.")
+            metrics = [("AP", "")] + ([(MASK_METRIC, " (mask AP)")] if has_masks(names[0]) else [])
+            for metric, label in metrics:
+                means = {n: stat(n, metric)[0] for n in names}
+                order = sorted(names, key=means.__getitem__, reverse=True)
+                text = " > ".join(f"{n} {means[n]:.2f}" for n in order)
+                out.append(f"{group}{label}: {text}{note}.")
     return out
 
 
@@ -266,31 +286,47 @@ def _cell(stat: Mapping[str, float]) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _share(value: float) -> str:
+    return "" if math.isnan(value) else f"{100 * value:.0f}%"
+
+
 def _table(summary: Mapping[str, Any], diagnostic: bool) -> list[str]:
+    rows = [r for r in summary["rows"] if r["diagnostic"] == diagnostic]
+    masks = any(not math.isnan(r["metrics"][MASK_METRIC]["mean"]) for r in rows)
+    mask_head = " mask AP | mask gain | mask gap closed |" if masks else ""
     lines = [
-        "| row | model | seeds | " + " | ".join(METRICS) + " | gain AP | gap closed | wall/seed |",
-        "|---|---|---|" + "---:|" * (len(METRICS) + 3),
+        "| row | model | seeds | " + " | ".join(METRICS) + " | gain AP | gap closed |"
+        f"{mask_head} wall/seed |",
+        "|---|---|---|" + "---:|" * (len(METRICS) + 3 + 3 * masks),
     ]
     if not diagnostic:
         for fam, t in summary["teachers"].items():
-            cells = [
-                _cell({"mean": t["metrics"].get(m, math.nan), "std": math.nan}) for m in METRICS
-            ]
+            known = {
+                m: _cell({"mean": t["metrics"].get(m, math.nan), "std": math.nan})
+                for m in (*METRICS, MASK_METRIC)
+            }
             lines.append(
                 f"| teacher ({fam}) | {t['model']} | 1 | "
-                + " | ".join(cells)
-                + f" | | | {mmss(t['wall_time_s'])} |"
+                + " | ".join(known[m] for m in METRICS)
+                + " | | |"
+                + (f" {known[MASK_METRIC]} | | |" if masks else "")
+                + f" {mmss(t['wall_time_s'])} |"
             )
-    for row in summary["rows"]:
-        if row["diagnostic"] != diagnostic:
-            continue
+    for row in rows:
         cells = [_cell(row["metrics"][m]) for m in METRICS]
-        share = row["gap_share"]
-        gain = "" if row["baseline"] is None else _cell({"mean": row["gain_AP"], "std": math.nan})
+        no_base = row["baseline"] is None
+        gain = "" if no_base else _cell({"mean": row["gain_AP"], "std": math.nan})
+        mask = ""
+        if masks:
+            mask_gain = "" if no_base else _cell({"mean": row["gain_mask_AP"], "std": math.nan})
+            mask = (
+                f" {_cell(row['metrics'][MASK_METRIC])} | {mask_gain} | "
+                f"{_share(row['gap_share_mask'])} |"
+            )
         lines.append(
             f"| {row['name']} | {row['model']} | {len(row['seeds'])} | "
             + " | ".join(cells)
-            + f" | {gain} | {'' if math.isnan(share) else f'{100 * share:.0f}%'} | "
+            + f" | {gain} | {_share(row['gap_share'])} |{mask} "
             + f"{mmss(row['wall_time_s']) if row['seeds'] else 'not run'} |"
         )
     return lines

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fgdistill.bench.aggregate import METRICS
+from fgdistill.bench.aggregate import MASK_METRIC, METRICS
 from fgdistill.bench.plan import BenchPlan
 
 __all__ = ["write_report"]
@@ -41,16 +41,18 @@ def _table(data: Mapping[str, Any]) -> list[dict[str, object]]:
             return "n/a"
         return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
+    # Mask R-CNN rows add their mask AP
+    shown = list(METRICS)
+    if any(not math.isnan(r["metrics"][MASK_METRIC]["mean"]) for r in data["rows"] if r["seeds"]):
+        shown.append(MASK_METRIC)
     table: list[dict[str, object]] = []
     for fam, t in data["teachers"].items():
-        values = {
-            m: cell({"mean": t["metrics"].get(m, math.nan), "std": math.nan}) for m in METRICS
-        }
+        values = {m: cell({"mean": t["metrics"].get(m, math.nan), "std": math.nan}) for m in shown}
         table.append({"run": f"teacher ({fam})", "model": t["model"], **values, "gain AP": ""})
     for r in data["rows"]:
         if r["seeds"]:
             gain = "" if r["baseline"] is None else f"{r['gain_AP']:+.2f}"
-            values = {m: cell(r["metrics"][m]) for m in METRICS}
+            values = {m: cell(r["metrics"][m]) for m in shown}
             table.append({"run": r["name"], "model": r["model"], **values, "gain AP": gain})
     return table
 

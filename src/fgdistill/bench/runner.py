@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +32,15 @@ from fgdistill.bench.plan import BenchPlan, SynthSettings
 from fgdistill.engine.config import TrainConfig, config_to_dict
 from fgdistill.io import write_json
 
-__all__ = ["Stage", "StageRecord", "plan_stages", "prepare_data", "run_bench", "run_stage"]
+__all__ = [
+    "Stage",
+    "StageRecord",
+    "flat_metrics",
+    "plan_stages",
+    "prepare_data",
+    "run_bench",
+    "run_stage",
+]
 
 Say = Callable[[str], None]
 
@@ -51,7 +59,11 @@ class Stage:
 
 @dataclass
 class StageRecord:
-    """A finished stage, as its ``stage.json`` records it (metrics: COCO box, percent)."""
+    """A finished stage, as its ``stage.json`` records it.
+
+    ``metrics``: COCO box metrics in percent (``AP``, ``AP50``, ...), and for a detector scored
+    on masks the mask metrics beside them, prefixed ``mask_`` (``mask_AP``, ...).
+    """
 
     fingerprint: str
     model: str
@@ -63,7 +75,7 @@ class StageRecord:
 
     @property
     def heldout_metrics(self) -> dict[str, float]:
-        """The box metrics on the held-out set; empty where it was not scored."""
+        """The metrics on the held-out set, as ``metrics``; empty where it was not scored."""
         return dict(self.heldout.get("metrics") or {})
 
 
@@ -237,7 +249,7 @@ def run_stage(
         if heldout is not None and record.heldout.get("data") != heldout.fingerprint:
             metrics = _score(cfg, heldout.folder, progress=progress)
             record.heldout = {"data": heldout.fingerprint, "metrics": metrics}
-            say(f"{stage.label}: held-out AP {metrics.get('AP', float('nan')):.2f}")
+            say(f"{stage.label}: held-out {_aps(metrics)}")
             _write_record(folder, record)
     return record
 
@@ -260,18 +272,32 @@ def _train(stage: Stage, *, train_fn: Callable[..., Any], progress: bool, say: S
     wall = time.perf_counter() - t0
     if resume:  # the trainer's clock also counts the earlier attempts' training
         wall = max(wall, float(getattr(out, "wall_time", 0.0)))
-    metrics = {k: float(v) for k, v in out.metrics.get("bbox", {}).items()}
+    metrics = flat_metrics(out.metrics)
     record = replace(record, metrics=metrics, wall_time_s=round(wall, 2), complete=True)
     record.iterations = int(out.iterations)
     _write_record(folder, record)
     for name in ("last.pt", "best.pt"):
         (folder / name).unlink(missing_ok=True)
-    say(f"      {cfg.name}: bbox AP {metrics.get('AP', float('nan')):.2f} after {mmss(wall)}")
+    say(f"      {cfg.name}: bbox {_aps(metrics)} after {mmss(wall)}")
     return record
 
 
+def flat_metrics(measured: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{"bbox": {...}, "segm": {...}}`` as one record: box metrics as they are, mask metrics
+    prefixed ``mask_``."""
+    out = {str(k): float(v) for k, v in measured.get("bbox", {}).items()}
+    out.update({f"mask_{k}": float(v) for k, v in measured.get("segm", {}).items()})
+    return out
+
+
+def _aps(metrics: Mapping[str, float]) -> str:
+    """``"AP 1.23"``, and ``", mask AP 0.98"`` after it where masks were scored."""
+    mask = f", mask AP {metrics['mask_AP']:.2f}" if "mask_AP" in metrics else ""
+    return f"AP {metrics.get('AP', float('nan')):.2f}{mask}"
+
+
 def _score(cfg: TrainConfig, data: Path, *, progress: bool) -> dict[str, float]:
-    """Box metrics of a finished stage's model on the set in ``data``."""
+    """Box (and mask) metrics of a finished stage's model on the set in ``data``."""
     from fgdistill.engine.inference import evaluate_checkpoint
     from fgdistill.engine.runner import weights_name
 
@@ -281,7 +307,7 @@ def _score(cfg: TrainConfig, data: Path, *, progress: bool) -> dict[str, float]:
     measured = evaluate_checkpoint(
         eval_cfg, Path(cfg.work_dir) / weights_name(cfg), progress=progress
     )
-    return {str(k): float(v) for k, v in measured["bbox"].items()}
+    return flat_metrics(measured)
 
 
 def run_bench(

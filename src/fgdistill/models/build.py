@@ -29,7 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
@@ -560,11 +560,17 @@ def _assemble(
                 (fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=head_norm_layer
             )
             if arch == "mask_rcnn":
+                # as wide as the FPN, like the box head (torchvision's 256 at its FPN's 256)
                 rcnn["mask_head"] = MaskRCNNHeads(
-                    fpn_channels, [256] * 4, 1, norm_layer=head_norm_layer
+                    fpn_channels, [fpn_channels] * 4, 1, norm_layer=head_norm_layer
                 )
         cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
-        return cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)
+        model = cls(body, num_classes, **rcnn, **sizes, **detector_kwargs)
+        if arch == "mask_rcnn" and head_norm_layer is not None:
+            # torchvision builds the predictor for a 256-channel mask head
+            roi_heads: Any = model.roi_heads
+            roi_heads.mask_predictor = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes)
+        return model
     return _reppoints(body, num_classes, **sizes, **detector_kwargs)
 
 
