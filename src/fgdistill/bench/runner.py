@@ -35,7 +35,6 @@ from fgdistill.io import write_json
 __all__ = [
     "Stage",
     "StageRecord",
-    "flat_metrics",
     "plan_stages",
     "prepare_data",
     "run_bench",
@@ -272,7 +271,7 @@ def _train(stage: Stage, *, train_fn: Callable[..., Any], progress: bool, say: S
     wall = time.perf_counter() - t0
     if resume:  # the trainer's clock also counts the earlier attempts' training
         wall = max(wall, float(getattr(out, "wall_time", 0.0)))
-    metrics = flat_metrics(out.metrics)
+    metrics = _flat_metrics(out.metrics)
     record = replace(record, metrics=metrics, wall_time_s=round(wall, 2), complete=True)
     record.iterations = int(out.iterations)
     _write_record(folder, record)
@@ -282,7 +281,7 @@ def _train(stage: Stage, *, train_fn: Callable[..., Any], progress: bool, say: S
     return record
 
 
-def flat_metrics(measured: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def _flat_metrics(measured: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """``{"bbox": {...}, "segm": {...}}`` as one record: box metrics as they are, mask metrics
     prefixed ``mask_``."""
     out = {str(k): float(v) for k, v in measured.get("bbox", {}).items()}
@@ -307,7 +306,7 @@ def _score(cfg: TrainConfig, data: Path, *, progress: bool) -> dict[str, float]:
     measured = evaluate_checkpoint(
         eval_cfg, Path(cfg.work_dir) / weights_name(cfg), progress=progress
     )
-    return flat_metrics(measured)
+    return _flat_metrics(measured)
 
 
 def run_bench(
